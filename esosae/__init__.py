@@ -1,0 +1,1 @@
+"""esosae: sparse autoencoders on language-model activations, with the E-SOSAE method."""

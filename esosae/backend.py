@@ -1,0 +1,58 @@
+"""Picks the implementation of the SAE's hot ops: Triton kernels or the PyTorch reference.
+
+``auto`` is ``triton`` when CUDA is present and ``torch`` otherwise. ``triton`` on a machine
+without CUDA is allowed only under ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used
+by the tests). Both backends expose the same three functions with the same signatures, so
+the model and the trainer run one code path whichever is chosen.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from esosae import reference
+
+
+class BackendError(RuntimeError):
+    """The requested backend cannot run here; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    encode: Callable  # (x, W_enc, b_enc, b_dec, theta) -> (f, row_l1, fire_count)
+    decode: Callable  # (f, W_dec, bias, target) -> (x_hat, row_sq_err)
+    orth_penalty: Callable  # (W_dec1, W_dec2, margin, tiles) -> scalar
+
+
+TORCH = Backend("torch", reference.encode, reference.decode, reference.orth_penalty)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BackendError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+    return torch.device(name)
+
+
+def get_backend(name: str, device: torch.device) -> Backend:
+    """The backend for ``name`` ('auto', 'triton' or 'torch') on ``device``."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return TORCH
+    if device.type != "cuda" and not interpreting():
+        raise BackendError("--backend triton needs a CUDA device, or TRITON_INTERPRET=1 to run "
+                           "the kernels on the CPU (slow; for tests); use --backend torch")
+    from esosae.kernels import decode, encode, orth_penalty
+
+    return Backend("triton", encode, decode, orth_penalty)

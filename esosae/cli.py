@@ -1,0 +1,156 @@
+"""``python train.py``: every config field is a flag (``--tau-final`` and ``--tau_final`` alike).
+
+Settings come from the defaults, then ``--config FILE.json``, then the flags given.
+Bad input of any kind prints one line naming the problem and exits with code 2, before
+anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from esosae.config import SECTIONS, ConfigError, TrainConfig, field_docs
+
+CHOICES = {
+    "source": ("lm", "synthetic"), "schedule": ("exp", "linear", "const"),
+    "gamma_warmup": ("synced", "linear", "none"), "arch": ("esosae", "relu", "topk"),
+    "margins": ("adaptive", "fixed"), "normalize": ("expected_norm", "none"),
+    "synthetic": ("easy", "hard"), "cache_dtype": ("float16", "bfloat16"),
+    "backend": ("auto", "triton", "torch"), "device": ("auto", "cpu", "cuda"),
+    "profile": ("none", "nvtx", "torch"),
+}
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (no usage dump) and exits 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _optional(tp: Any) -> tuple[Any, bool]:
+    """(inner type, is_optional) for annotations like ``int | None``."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _parse_optional(inner: type) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "auto", "") else inner(text)
+
+    parse.__name__ = inner.__name__
+    return parse
+
+
+def _config_fields() -> list[tuple[str | None, dataclasses.Field, str]]:
+    """(section or None, field, help) for every leaf field of TrainConfig."""
+    out = []
+    for cls, section in [(c, s) for s, c in SECTIONS.items()] + [(TrainConfig, None)]:
+        docs = field_docs(cls)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in SECTIONS and cls is TrainConfig:
+                continue
+            f.type = hints[f.name]
+            out.append((section, f, docs.get(f.name, "")))
+    return out
+
+
+def build_parser(prog: str = "train.py") -> OneLineParser:
+    p = OneLineParser(prog=prog, description="Train a sparse autoencoder (E-SOSAE by default).",
+                      argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", metavar="FILE.json", help="Start from the settings in this JSON file.")
+    p.add_argument("--resume", metavar="RUN_DIR", help="Continue the run in RUN_DIR from its last checkpoint.")
+    p.add_argument("--overwrite", action="store_true", help="Replace a non-empty --out-dir.")
+    for section, f, help_text in _config_fields():
+        group_title = section or "training"
+        group = next((g for g in p._action_groups if g.title == group_title), None)
+        group = group or p.add_argument_group(group_title)
+        names = [f"--{f.name.replace('_', '-')}"]
+        if "_" in f.name:
+            names.append(f"--{f.name}")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kw: dict[str, Any] = {"dest": f.name, "help": f"{help_text} (default: {default})"}
+        inner, optional = _optional(f.type)
+        if inner is bool:
+            group.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        if f.name in CHOICES:
+            kw["choices"] = CHOICES[f.name]
+        kw["type"] = _parse_optional(inner) if optional else inner
+        group.add_argument(*names, metavar=f.name.upper(), **kw)
+    return p
+
+
+def config_from_args(ns: argparse.Namespace) -> TrainConfig:
+    """Defaults ← --config file ← flags; validation errors raise ConfigError."""
+    base = TrainConfig.from_json(ns.config) if getattr(ns, "config", None) else TrainConfig()
+    d = base.to_dict()
+    for section, f, _ in _config_fields():
+        if hasattr(ns, f.name):
+            (d[section] if section else d)[f.name] = getattr(ns, f.name)
+    return TrainConfig.from_dict(d)
+
+
+def given_config_flags(ns: argparse.Namespace) -> list[str]:
+    return [f.name for _, f, _ in _config_fields() if hasattr(ns, f.name)]
+
+
+def prepare(argv: list[str]) -> tuple[TrainConfig, Path, bool]:
+    """Parse and validate everything; returns (config, run_dir, resume). Writes nothing."""
+    ns = build_parser().parse_args(argv)
+    if getattr(ns, "resume", None):
+        run_dir = Path(ns.resume)
+        extra = [n for n in given_config_flags(ns) if n not in ("eval", "profile")]
+        if extra or getattr(ns, "config", None):
+            raise ConfigError(f"--resume takes its settings from {run_dir}/config.json; drop "
+                              + ", ".join(f"--{n.replace('_', '-')}" for n in extra or ["config"]))
+        if not (run_dir / "config.json").is_file():
+            raise ConfigError(f"--resume {run_dir}: no config.json there; is it a run directory?")
+        cfg = TrainConfig.from_json(run_dir / "config.json")
+        for name in ("eval", "profile"):
+            if hasattr(ns, name):
+                setattr(cfg, name, getattr(ns, name))
+        return cfg, run_dir, True
+    cfg = config_from_args(ns)
+    run_dir = Path(cfg.out_dir)
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        if not getattr(ns, "overwrite", False):
+            raise ConfigError(f"--out-dir {run_dir} is not empty; pass --resume {run_dir} to continue "
+                              "it or --overwrite to replace it")
+        if run_dir.is_dir():
+            shutil.rmtree(run_dir)
+        else:
+            run_dir.unlink()
+    return cfg, run_dir, False
+
+
+def main(argv: list[str] | None = None) -> int:
+    from esosae.backend import BackendError
+    from esosae.train import Interrupted, RunError, run
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg, run_dir, resume = prepare(argv)
+        headline = run(cfg, run_dir, resume=resume)
+    except (ConfigError, BackendError, RunError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except Interrupted as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"run directory: {run_dir}")
+    print("  " + "  ".join(f"{k}={headline[k]:.4g}" for k in
+                           ("fvu", "l0_1", "l0_2", "dead_pct", "atom_recovery") if k in headline))
+    return 0

@@ -1,0 +1,150 @@
+"""The dual-layer SAE of METHOD.md §2 and the two baselines of the grid.
+
+- ``arch='esosae'``: JumpReLU layers with thresholds θ = τ(t)·clamp(μ); layer 2 encodes the
+  residual r = x − x̂1 that layer 1 left; m2 = 0 gives a single-layer SAE.
+- ``arch='relu'``: vanilla ReLU + L1 (θ = 0), single layer.
+- ``arch='topk'``: TopK (k active features), single layer.
+
+The model works on normalized inputs s·x (METHOD.md §1). ``save`` folds s into the weights
+(W_enc·s, W_dec/s, b_dec/s), so a saved SAE maps raw activations and needs no scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from esosae import reference
+from esosae.backend import TORCH, Backend
+from esosae.config import ConfigError, SAEConfig
+from esosae.margins import freq_target
+from esosae.runio import atomic_dir, atomic_write_text
+
+WEIGHTS_FILE = "sae.safetensors"
+CONFIG_FILE = "cfg.json"
+
+
+class DualLayerSAE(nn.Module):
+    def __init__(self, cfg: SAEConfig, d: int, scale: float = 1.0):
+        super().__init__()
+        if d <= 0:
+            raise ConfigError(f"input width d must be > 0 (got {d})")
+        self.cfg, self.d, self.scale = cfg, d, scale
+        m1, m2 = cfg.m1, cfg.m2
+        self.W_enc1 = nn.Parameter(torch.empty(d, m1))
+        self.b_enc1 = nn.Parameter(torch.zeros(m1))
+        self.W_dec1 = nn.Parameter(torch.empty(m1, d))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.W_enc2 = nn.Parameter(torch.empty(d, m2))
+        self.b_enc2 = nn.Parameter(torch.zeros(m2))
+        self.W_dec2 = nn.Parameter(torch.empty(m2, d))
+        # Adaptive state (METHOD.md §5) and bookkeeping; buffers travel with checkpoints.
+        for i, m in ((1, m1), (2, m2)):
+            self.register_buffer(f"theta{i}", torch.zeros(m))  # current θ = τ·clamp(μ)
+            self.register_buffer(f"mu{i}", torch.ones(m))
+            self.register_buffer(f"freq{i}", torch.full((m,), freq_target(cfg, max(m, 1))))
+            self.register_buffer(f"since_fire{i}", torch.zeros(m, dtype=torch.int64))  # tokens
+        self.register_buffer("zero_bias", torch.zeros(d), persistent=False)
+
+    @property
+    def layers(self) -> int:
+        return 2 if self.cfg.m2 > 0 else 1
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator, sample: torch.Tensor | None = None) -> None:
+        """Unit-norm random decoder rows, tied encoder (W_enc = W_decᵀ), b_dec = sample mean."""
+        for W_dec, W_enc in ((self.W_dec1, self.W_enc1), (self.W_dec2, self.W_enc2)):
+            W_dec.copy_(torch.randn(W_dec.shape, generator=generator))
+            W_dec.div_(W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            W_enc.copy_(W_dec.T)
+        if sample is not None:
+            self.b_dec.copy_(sample.mean(0))
+
+    def forward(self, x: torch.Tensor, ops: Backend = TORCH) -> dict[str, torch.Tensor]:
+        """x (B, d), normalized. Returns x_hat, per-row squared error, f and L1 per layer."""
+        if self.cfg.arch == "topk":
+            f1, l1_1, fire1 = reference.topk_encode(x, self.W_enc1, self.b_enc1, self.b_dec, self.cfg.k)
+        else:
+            f1, l1_1, fire1 = ops.encode(x, self.W_enc1, self.b_enc1, self.b_dec, self.theta1)
+        x_hat, sq_err = ops.decode(f1, self.W_dec1, self.b_dec, x)  # (B, d), (B,)
+        out = {"f1": f1, "l1_1": l1_1, "fire1": fire1}
+        if self.cfg.m2 > 0:
+            r = x - x_hat  # (B, d): gradients flow through r into layer 1
+            f2, l1_2, fire2 = ops.encode(r, self.W_enc2, self.b_enc2, self.zero_bias, self.theta2)
+            r_hat, sq_err = ops.decode(f2, self.W_dec2, self.zero_bias, r)
+            x_hat = x_hat + r_hat
+            out.update(f2=f2, l1_2=l1_2, fire2=fire2)
+        out.update(x_hat=x_hat, sq_err=sq_err)
+        return out
+
+    @torch.no_grad()
+    def remove_parallel_grads(self) -> None:
+        """g ← g − ⟨g, w⟩ w for each unit decoder row w, so the step keeps rows near unit norm."""
+        for W in (self.W_dec1, self.W_dec2):
+            if W.grad is not None and W.shape[0] > 0:
+                W.grad -= (W.grad * W).sum(1, keepdim=True) * W
+
+    def dead_fraction(self, layer: int, tokens_seen: int, window: int) -> float:
+        """Fraction of features that fired on none of the last min(window, tokens_seen) tokens."""
+        since = getattr(self, f"since_fire{layer}")
+        if since.numel() == 0 or tokens_seen == 0:
+            return 0.0
+        return (since >= min(window, tokens_seen)).float().mean().item()  # host sync
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        for W in (self.W_dec1, self.W_dec2):
+            W.div_(W.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    # -- export ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def folded_state(self) -> dict[str, torch.Tensor]:
+        """Weights that map raw activations: W_enc·s, W_dec/s, b_dec/s; θ and μ unchanged."""
+        s = self.scale
+        state = {k: v.detach().float().cpu().clone() for k, v in self.state_dict().items()}
+        for k in ("W_enc1", "W_enc2"):
+            state[k] *= s
+        for k in ("W_dec1", "W_dec2", "b_dec"):
+            state[k] /= s
+        return state
+
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Write ``sae.safetensors`` (scale folded in) and ``cfg.json`` atomically to ``path``."""
+        meta = {"sae": dataclasses.asdict(self.cfg), "d": self.d, "scale": self.scale, "folded": True}
+        meta.update(extra or {})
+        with atomic_dir(path) as tmp:
+            save_file(self.folded_state(), str(tmp / WEIGHTS_FILE))
+            atomic_write_text(tmp / CONFIG_FILE, json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> DualLayerSAE:
+        """Load a saved SAE; it maps raw activations (its weights carry the folded scale)."""
+        path = Path(path)
+        try:
+            meta = json.loads((path / CONFIG_FILE).read_text())
+            state = load_file(str(path / WEIGHTS_FILE))
+        except FileNotFoundError as e:
+            raise SAELoadError(f"no saved SAE at {path} ({Path(e.filename).name} missing); "
+                               "train one first or point at a run's sae/ folder") from None
+        except (OSError, ValueError, json.JSONDecodeError) as e:
+            raise SAELoadError(f"saved SAE at {path} is unreadable or corrupt ({e}); retrain or restore it") from None
+        model = cls(SAEConfig(**meta["sae"]), meta["d"], scale=1.0)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[-1].strip()
+            raise SAELoadError(f"saved SAE at {path} does not match its cfg.json ({first})") from None
+        model.trained_scale = meta.get("scale", 1.0)
+        return model.to(device)
+
+
+class SAELoadError(RuntimeError):
+    """A saved SAE that is missing or corrupt; the message names the folder."""
+

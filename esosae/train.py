@@ -1,0 +1,372 @@
+"""The training loop: schedules → forward/backward → clip → step → constraints → log → checkpoint.
+
+A run directory holds ``config.json``, ``metrics.jsonl`` (one line per logged step, every
+field of METHOD.md §6), ``checkpoints/`` (model, optimizer and step; written atomically),
+``sae/`` (final weights, scale folded in) and ``summary.md``.
+
+Every random draw of a step (its batch, its orthogonality tiles) is a pure function of
+(seed, step), so a run resumed from a checkpoint continues bit-for-bit on the CPU.
+Ctrl-C finishes the current step, writes a checkpoint and exits with code 130.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from esosae import schedules
+from esosae.backend import Backend, get_backend, resolve_device
+from esosae.config import TrainConfig
+from esosae.evals.core import reconstruction_metrics
+from esosae.margins import effective_margins, pinned_fractions, update_freq, update_margins
+from esosae.reference import sample_tiles
+from esosae.runio import atomic_torch_save, atomic_write_text
+from esosae.sae import DualLayerSAE
+from esosae.sources import ActivationSource, SyntheticSource, atom_recovery, spec_from_config
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+SAE_DIR = "sae"
+SUMMARY_FILE = "summary.md"
+COS_SAMPLE = 512
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or continue; the message names the file and what to do."""
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT after saving a checkpoint."""
+
+
+def make_source(cfg: TrainConfig, device: torch.device) -> ActivationSource:
+    """The activation source the config names."""
+    if cfg.data.source == "synthetic":
+        return SyntheticSource(spec_from_config(cfg.data), seed=cfg.data.data_seed,
+                               eval_rows=cfg.data.eval_tokens)
+    from esosae.activations import lm_source
+
+    return lm_source(cfg, device)
+
+
+# -- checkpoints -----------------------------------------------------------------------
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINT_DIR / f"step_{step:08d}.pt"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((run_dir / CHECKPOINT_DIR).glob("step_*.pt"))
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: Path, step: int, model: DualLayerSAE, opt: torch.optim.Optimizer,
+                    cfg: TrainConfig, keep: int) -> Path:
+    path = checkpoint_path(run_dir, step)
+    state = {"step": step, "model": model.state_dict(), "optim": opt.state_dict(),
+             "scale": model.scale, "config": cfg.to_dict()}
+    atomic_torch_save(state, path)
+    for old in sorted((run_dir / CHECKPOINT_DIR).glob("step_*.pt"))[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        step = int(state["step"])
+        assert {"model", "optim", "scale"} <= state.keys()
+    except Exception as e:  # any unpickling or missing-key failure means a damaged file
+        raise RunError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); "
+                       "delete it to resume from an earlier one") from None
+    state["step"] = step
+    return state
+
+
+# -- logging ---------------------------------------------------------------------------
+
+
+def truncate_metrics(path: Path, before_step: int) -> None:
+    """Keep only the well-formed lines logged before ``before_step`` (after a resume)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] < before_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break  # a torn last line from a crash
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+@torch.no_grad()
+def cosine_sample(model: DualLayerSAE, generator: torch.Generator) -> tuple[float, float]:
+    """Max and mean |c_ij| over a random sample of cross-layer decoder-row pairs."""
+    W1, W2 = model.W_dec1, model.W_dec2
+    i = torch.randperm(W1.shape[0], generator=generator)[:COS_SAMPLE].to(W1.device)
+    j = torch.randperm(W2.shape[0], generator=generator)[:COS_SAMPLE].to(W2.device)
+    c = (W1[i] @ W2[j].T).abs()  # (≤512, ≤512)
+    return c.max().item(), c.mean().item()  # host sync (logging steps only)
+
+
+# -- the loop --------------------------------------------------------------------------
+
+
+@dataclass
+class StepState:
+    """What the loop carries between steps besides the model and optimizer."""
+
+    step: int = 0
+    log_t0: float = field(default_factory=time.perf_counter)
+    log_tokens: int = 0
+
+
+def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
+    """A generator that depends only on (seed, step, stream): resumable randomness."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 8 + stream)
+
+
+def set_thresholds(model: DualLayerSAE, cfg: TrainConfig, step: int) -> tuple[float, float]:
+    """θ_l = τ_l(t) · clamp(μ_l) for the JumpReLU layers (θ = 0 for the ReLU baseline)."""
+    if cfg.sae.arch != "esosae":
+        return 0.0, 0.0
+    tau1 = schedules.tau(step, cfg.steps, cfg.schedule, cfg.schedule.tau_final)
+    tau2 = schedules.tau(step, cfg.steps, cfg.schedule, cfg.schedule.tau_final_2)
+    model.theta1.copy_(tau1 * effective_margins(model.mu1, cfg.sae))
+    model.theta2.copy_(tau2 * effective_margins(model.mu2, cfg.sae))
+    return tau1, tau2
+
+
+def train_step(model: DualLayerSAE, opt: torch.optim.Optimizer, ops: Backend, x: torch.Tensor,
+               cfg: TrainConfig, step: int, dist: Any = None) -> dict[str, Any]:
+    """One optimizer step on the normalized batch x (B, d); returns the step's tensors."""
+    sae_cfg = cfg.sae
+    tau1, tau2 = set_thresholds(model, cfg, step)
+    lam1 = schedules.l1_weight(step, cfg.steps, cfg.schedule, sae_cfg.l1_coeff)
+    lam2 = schedules.l1_weight(step, cfg.steps, cfg.schedule, sae_cfg.lambda2)
+    gamma = schedules.gamma(step, cfg.steps, cfg.schedule, sae_cfg.gamma_max) if model.layers == 2 else 0.0
+    for group in opt.param_groups:
+        group["lr"] = schedules.lr(step, cfg)
+
+    out = model(x, ops)
+    mse = out["sq_err"].mean()
+    l1 = lam1 * out["l1_1"].mean() if sae_cfg.arch != "topk" else torch.zeros((), device=x.device)
+    if model.layers == 2:
+        l1 = l1 + lam2 * out["l1_2"].mean()
+    orth = torch.zeros((), device=x.device)
+    if gamma > 0 and step % sae_cfg.orth_every == 0:
+        tiles = sample_tiles(sae_cfg.m1, sae_cfg.m2, cfg.orth_block_fraction, step_generator(cfg.seed, step, 1))
+        tiles = tiles.to(x.device) if tiles is not None else None
+        orth = ops.orth_penalty(model.W_dec1, model.W_dec2, sae_cfg.orth_margin, tiles)
+    loss = mse + l1 + gamma * orth
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if dist is not None:
+        dist.average_gradients(model)
+    model.remove_parallel_grads()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    model.normalize_decoder()
+    update_feature_stats(model, out, cfg, step, x.shape[0], dist)
+    return {"out": out, "loss": loss, "mse": mse, "l1": l1, "orth": orth,
+            "tau1": tau1, "tau2": tau2, "gamma": gamma, "lambda1": lam1, "lambda2": lam2}
+
+
+@torch.no_grad()
+def update_feature_stats(model: DualLayerSAE, out: dict[str, torch.Tensor], cfg: TrainConfig,
+                         step: int, batch: int, dist: Any = None) -> None:
+    """Firing EMA, tokens since each feature last fired, and (every margin_every) μ."""
+    for i in range(1, model.layers + 1):
+        fire = out[f"fire{i}"]  # (m,) int32, this rank's tokens
+        n = batch
+        if dist is not None:
+            fire, n = dist.sum_fire_counts(fire), batch * dist.world
+        freq = getattr(model, f"freq{i}")
+        freq.copy_(update_freq(freq, fire, n, cfg.sae.freq_ema))
+        since = getattr(model, f"since_fire{i}")
+        since.copy_(torch.where(fire > 0, 0, since + n))
+        if cfg.sae.arch == "esosae" and (step + 1) % cfg.sae.margin_every == 0:
+            mu = getattr(model, f"mu{i}")
+            mu.copy_(update_margins(mu, freq, cfg.sae))
+
+
+def log_record(model: DualLayerSAE, cfg: TrainConfig, step: int, res: dict[str, Any], x: torch.Tensor,
+               tokens_per_s: float, tokens_seen: int) -> dict[str, Any]:
+    """Every field of METHOD.md §6 for one step (host syncs: logging steps only)."""
+    out = res["out"]
+    total_var = (x - x.mean(0)).square().sum()
+    rec: dict[str, Any] = {
+        "step": step, "tokens": tokens_seen,
+        "tau1": res["tau1"], "tau2": res["tau2"], "gamma": res["gamma"],
+        "lambda1": res["lambda1"], "lambda2": res["lambda2"],
+        "loss": res["loss"].item(), "mse": res["mse"].item(), "l1": res["l1"].item(),
+        "orth": res["orth"].item(),
+        "fvu": (out["sq_err"].sum() / total_var).item(),
+        "schedule_progress": schedules.schedule_progress(step, cfg.steps, cfg.schedule),
+        "lr": schedules.lr(step, cfg),
+    }
+    for i in range(1, model.layers + 1):
+        rec[f"l0_{i}"] = (out[f"f{i}"] > 0).sum(1).float().mean().item()
+        rec[f"dead_{i}"] = model.dead_fraction(i, tokens_seen, cfg.dead_window)
+        low, high = pinned_fractions(getattr(model, f"mu{i}"), cfg.sae)
+        rec[f"pinned_min_{i}"], rec[f"pinned_max_{i}"] = low, high
+        rec[f"mu_mean_{i}"] = getattr(model, f"mu{i}").mean().item()
+    if model.layers == 2:
+        rec["cos_max"], rec["cos_mean"] = cosine_sample(model, step_generator(cfg.seed, step, 2))
+    rec["tokens_per_s"] = tokens_per_s
+    if x.is_cuda:
+        rec["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    for key in ("loss", "mse", "fvu"):
+        if not math.isfinite(rec[key]):
+            raise RunError(f"training diverged at step {step} ({key} = {rec[key]}); lower --lr")
+    return rec
+
+
+class SigintGuard:
+    """Turns the first Ctrl-C into a request to stop after the current step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: Any = None
+
+    def __enter__(self) -> SigintGuard:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def build(cfg: TrainConfig, source: ActivationSource, device: torch.device) -> tuple[DualLayerSAE, torch.optim.Optimizer]:
+    """A freshly initialized model (on normalized inputs) and its Adam optimizer."""
+    scale = source.norm_scale() if cfg.data.normalize == "expected_norm" else 1.0
+    model = DualLayerSAE(cfg.sae, source.d, scale=scale)
+    sample = source.batch(0, cfg.batch_size) * scale
+    model.init_weights(step_generator(cfg.seed, 0, 0), sample)
+    model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    return model, opt
+
+
+def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, dist: Any = None,
+        progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) one run in ``run_dir``; returns the headline metrics."""
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    ops = get_backend(cfg.backend, device)
+    is_main = dist is None or dist.rank == 0
+    source = make_source(cfg, device)
+    model, opt = build(cfg, source, device)
+    start = 0
+    if resume:
+        ckpt_file = latest_checkpoint(run_dir)
+        if ckpt_file is not None:
+            ckpt = load_checkpoint(ckpt_file)
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optim"])
+            model.scale, start = ckpt["scale"], ckpt["step"]
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            cfg.to_json(run_dir / CONFIG_FILE)
+        truncate_metrics(run_dir / METRICS_FILE, start)
+    shard = (dist.rank, dist.world) if dist is not None else (0, 1)
+
+    state = StepState(step=start)
+    t_start = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and is_main), unit="step",
+               dynamic_ncols=True, desc="train", mininterval=2.0)
+    metrics_fh = open(run_dir / METRICS_FILE, "a") if is_main else None
+    try:
+        with SigintGuard() as guard:
+            for step in range(start, cfg.steps):
+                x = source.batch(step, cfg.batch_size, shard).to(device, non_blocking=True) * model.scale
+                res = train_step(model, opt, ops, x, cfg, step, dist)
+                state.step, state.log_tokens = step + 1, state.log_tokens + cfg.batch_size
+                bar.update(1)
+                if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()  # sync point: timing and logging only
+                    now = time.perf_counter()
+                    tps = state.log_tokens / max(now - state.log_t0, 1e-9)
+                    rec = log_record(model, cfg, step, res, x, tps, (step + 1) * cfg.batch_size)
+                    state.log_t0, state.log_tokens = now, 0
+                    if metrics_fh is not None:
+                        metrics_fh.write(json.dumps(rec) + "\n")
+                        metrics_fh.flush()
+                    l0 = rec["l0_1"] + rec.get("l0_2", 0.0)
+                    bar.set_postfix(tok_s=f"{tps:,.0f}", fvu=f"{rec['fvu']:.3f}", l0=f"{l0:.1f}")
+                done = step + 1 == cfg.steps
+                if is_main and (done or (step + 1) % cfg.checkpoint_every == 0 or guard.requested):
+                    save_checkpoint(run_dir, step + 1, model, opt, cfg, cfg.keep_checkpoints)
+                if guard.requested and not done:
+                    raise Interrupted(f"interrupted at step {step + 1}/{cfg.steps}; checkpoint saved. "
+                                      f"Continue with: python train.py --resume {run_dir}")
+    finally:
+        bar.close()
+        if metrics_fh is not None:
+            metrics_fh.close()
+    if not is_main:
+        return {}
+    return finish(model, cfg, source, run_dir, time.perf_counter() - t_start, ops)
+
+
+def finish(model: DualLayerSAE, cfg: TrainConfig, source: ActivationSource, run_dir: Path,
+           wall_s: float, ops: Backend) -> dict[str, Any]:
+    """Save the final SAE, measure it on held-out data and write summary.md."""
+    extra = {"tau_final": cfg.schedule.tau_final, "tau_final2": cfg.schedule.tau_final_2,
+             "source": source.describe(), "steps": cfg.steps}
+    model.save(run_dir / SAE_DIR, extra)
+    headline = reconstruction_metrics(model, source.heldout(), ops)
+    if isinstance(source, SyntheticSource):
+        rec, _ = atom_recovery([model.W_dec1, model.W_dec2], source.atoms)
+        headline["atom_recovery"] = rec
+    headline["wall_s"] = wall_s
+    atomic_write_text(run_dir / SUMMARY_FILE, summary_markdown(cfg, source, headline))
+    return headline
+
+
+def summary_markdown(cfg: TrainConfig, source: ActivationSource, m: dict[str, Any]) -> str:
+    sae = cfg.sae
+    lines = [
+        "# Run summary", "",
+        f"- SAE: arch `{sae.arch}`, m1 = {sae.m1}, m2 = {sae.m2}"
+        + (f", k = {sae.k}" if sae.arch == "topk" else ""),
+        f"- schedule `{cfg.schedule.schedule}`, τ_0 = {cfg.schedule.tau_0}, τ_T = {cfg.schedule.tau_final}"
+        f" / {cfg.schedule.tau_final_2}; γ warmup `{cfg.schedule.gamma_warmup}`, γ_max = {sae.gamma_max}",
+        f"- margins `{sae.margins}`, clamped = {sae.clamp_margins}; λ = {sae.l1_coeff} / {sae.lambda2}",
+        f"- {cfg.steps} steps × {cfg.batch_size} tokens, seed {cfg.seed}, backend `{cfg.backend}`",
+        f"- source: {json.dumps(source.describe())}",
+        f"- wall time: {m['wall_s']:.1f} s", "",
+        f"Held-out metrics ({m['tokens']} tokens):", "",
+        "| metric | value |", "|---|---|",
+    ]
+    for key in ("fvu", "mse", "l0", "l0_1", "l0_2", "dead_pct", "dense_pct", "cos_mean", "cos_max",
+                "atom_recovery"):
+        if key in m:
+            lines.append(f"| {key} | {m[key]:.4g} |")
+    if "atom_recovery" in m:
+        lines += ["", "atom_recovery: fraction of planted atoms whose best cosine with any decoder "
+                  "row (either layer) is ≥ 0.9."]
+    return "\n".join(lines) + "\n"

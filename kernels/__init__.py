@@ -1,0 +1,1 @@
+"""Triton kernels for the SAE hot path, importable as ``esosae.kernels``."""
