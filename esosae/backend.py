@@ -15,9 +15,10 @@ from typing import Callable
 import torch
 
 from esosae import reference
+from esosae.errors import UserError
 
 
-class BackendError(RuntimeError):
+class BackendError(UserError):
     """The requested backend cannot run here; the message says what to do."""
 
 

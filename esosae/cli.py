@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from esosae.config import SECTIONS, ConfigError, TrainConfig, field_docs
+from esosae.errors import UserError
 
 CHOICES = {
     "source": ("lm", "synthetic"), "schedule": ("exp", "linear", "const"),
@@ -137,14 +138,13 @@ def prepare(argv: list[str]) -> tuple[TrainConfig, Path, bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from esosae.backend import BackendError
-    from esosae.train import Interrupted, RunError, run
+    from esosae.train import Interrupted, run
 
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg, run_dir, resume = prepare(argv)
         headline = run(cfg, run_dir, resume=resume)
-    except (ConfigError, BackendError, RunError) as e:
+    except UserError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except Interrupted as e:

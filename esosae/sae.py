@@ -23,6 +23,7 @@ from torch import nn
 from esosae import reference
 from esosae.backend import TORCH, Backend
 from esosae.config import ConfigError, SAEConfig
+from esosae.errors import UserError
 from esosae.margins import freq_target
 from esosae.runio import atomic_dir, atomic_write_text
 
@@ -145,6 +146,6 @@ class DualLayerSAE(nn.Module):
         return model.to(device)
 
 
-class SAELoadError(RuntimeError):
+class SAELoadError(UserError):
     """A saved SAE that is missing or corrupt; the message names the folder."""
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from esosae import schedules
 from esosae.backend import Backend, get_backend, resolve_device
 from esosae.config import TrainConfig
+from esosae.errors import UserError
 from esosae.evals.core import reconstruction_metrics
 from esosae.margins import effective_margins, pinned_fractions, update_freq, update_margins
 from esosae.reference import sample_tiles
@@ -41,7 +42,7 @@ SUMMARY_FILE = "summary.md"
 COS_SAMPLE = 512
 
 
-class RunError(RuntimeError):
+class RunError(UserError):
     """A run that cannot start or continue; the message names the file and what to do."""
 
 
