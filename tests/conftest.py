@@ -1,6 +1,10 @@
 """Shared fixtures: every test starts from a fixed seed, and nothing leaks between tests."""
 
+import os
 import random
+
+# The kernel tests run Triton's CPU interpreter, which must be on before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np
 import pytest

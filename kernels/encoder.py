@@ -1,0 +1,277 @@
+"""Fused JumpReLU encoder: matmul, bias, threshold, L1 and fire counts in one kernel.
+
+    a = (x − b_dec) W_enc + b_enc          (B, m), never written to memory
+    f = a · 1[a > θ]                       (B, m)
+    row_l1 = Σ_j f                         (B,)  fp32
+    fire_count = Σ_rows 1[f ≠ 0]           (m,)  int32
+
+θ (m,) is computed by the caller (θ = τ(t)·clamp(μ) in ``esosae.train``), because it changes
+once per step while the kernel runs many times per step, and the caller needs it anyway for
+logging; the kernel reads it as fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from esosae.kernels.utils import (alloc, check_inputs, dot_precision, interp_bf16, interpreted, matmul_config,
+                                  mma, nvtx_range, round_to, tile_ids)
+
+
+@triton.jit
+def _encode_fwd_kernel(
+    # pointers
+    x_ptr,  # (B, d) input rows
+    w_ptr,  # (d, m) W_enc
+    b_enc_ptr,  # (m,)
+    b_dec_ptr,  # (d,)
+    theta_ptr,  # (m,) thresholds, any float dtype
+    f_ptr,  # (B, m) out: features, x's dtype
+    l1_part_ptr,  # (n_m_tiles, B) fp32 out: Σ of f over this program's columns
+    fire_part_ptr,  # (n_b_tiles, m) int32 out: fires over this program's rows
+    # sizes
+    B, d, m,
+    # meta-parameters
+    BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One (BLOCK_B, BLOCK_M) tile of f: a = (x − b_dec) W_enc + b_enc accumulated in fp32
+    over d, then the epilogue f = a·1[a > θ] (stored in x's dtype), the tile's row sums of f
+    and its per-column fire counts. A feature fires where a > θ and its stored f is non-zero,
+    so fire counts and the backward's mask (f ≠ 0) agree even where a rounds to zero in the
+    output dtype. NaN pre-activations propagate to f and row_l1, as in the reference.
+    """
+    n_b = tl.cdiv(B, BLOCK_B)
+    n_m = tl.cdiv(m, BLOCK_M)
+    pid_b, pid_m = tile_ids(tl.program_id(0), n_b, n_m, GROUP)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok = rows < B
+    col_ok = cols < m
+    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * d + ks[None, :]  # (BLOCK_B, BLOCK_K)
+    w_ptrs = w_ptr + ks.to(tl.int64)[:, None] * m + cols[None, :]  # (BLOCK_K, BLOCK_M)
+    acc = tl.zeros((BLOCK_B, BLOCK_M), tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        k_ok = k0 + ks < d
+        xt = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        bd = tl.load(b_dec_ptr + k0 + ks, mask=k_ok, other=0.0)
+        xc = round_to(xt.to(tl.float32) - bd.to(tl.float32)[None, :], xt.dtype, INTERP_BF16)  # as torch rounds it
+        wt = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = mma(acc, xc, wt, INTERP_BF16, PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * m
+    b_enc = tl.load(b_enc_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    theta = tl.load(theta_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    a = acc + b_enc[None, :]
+    valid = row_ok[:, None] & col_ok[None, :]
+    above = (a > theta[None, :]) & valid
+    fa = a * above.to(tl.float32)  # a·1[a > θ] in fp32 (NaN·0 stays NaN)
+    f = round_to(fa, f_ptr.dtype.element_ty, INTERP_BF16)
+    tl.store(f_ptr + rows.to(tl.int64)[:, None] * m + cols[None, :], f, mask=valid)
+    fired = above & (f.to(tl.float32) != 0)
+    tl.store(l1_part_ptr + pid_m.to(tl.int64) * B + rows, tl.sum(fa, axis=1), mask=row_ok)
+    tl.store(fire_part_ptr + pid_b.to(tl.int64) * m + cols, tl.sum(fired.to(tl.int32), axis=0), mask=col_ok)
+
+
+@triton.jit
+def _grad_a_tile(g_f_ptr, f_ptr, g_l1, offs, ok, DTYPE: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """grad_a = (grad_f + grad_row_l1)·1[f ≠ 0] on one tile, fp32 and rounded to DTYPE."""
+    gf = tl.load(g_f_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    fv = tl.load(f_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    ga = tl.where(fv != 0, gf + g_l1, 0.0)
+    return ga, round_to(ga, DTYPE, INTERP_BF16)
+
+
+@triton.jit
+def _encode_bwd_dx_kernel(
+    # pointers
+    g_f_ptr,  # (B, m) upstream grad of f
+    f_ptr,  # (B, m) saved f: its non-zeros are the mask
+    g_l1_ptr,  # (B,) fp32 upstream grad of row_l1
+    w_ptr,  # (d, m) W_enc
+    g_x_ptr,  # (B, d) out: grad_x = grad_a W_encᵀ
+    # sizes
+    B, d, m,
+    # meta-parameters
+    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One (BLOCK_B, BLOCK_D) tile of grad_x = grad_a W_encᵀ, reducing over m, with
+    grad_a = (grad_f + grad_row_l1)·1[a > θ] formed tile by tile from the saved f."""
+    n_b = tl.cdiv(B, BLOCK_B)
+    n_d = tl.cdiv(d, BLOCK_D)
+    pid_b, pid_d = tile_ids(tl.program_id(0), n_b, n_d, GROUP)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok = rows < B
+    d_ok = dcols < d
+    g_l1 = tl.load(g_l1_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    a_offs = rows.to(tl.int64)[:, None] * m + ks[None, :]  # (BLOCK_B, BLOCK_K) into (B, m)
+    w_ptrs = w_ptr + dcols.to(tl.int64)[None, :] * m + ks[:, None]  # (BLOCK_K, BLOCK_D) of W_encᵀ
+    acc = tl.zeros((BLOCK_B, BLOCK_D), tl.float32)
+    for k0 in range(0, m, BLOCK_K):
+        k_ok = k0 + ks < m
+        _, ga = _grad_a_tile(g_f_ptr, f_ptr, g_l1, a_offs, row_ok[:, None] & k_ok[None, :],
+                             w_ptr.dtype.element_ty, INTERP_BF16)
+        wt = tl.load(w_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = mma(acc, ga, wt, INTERP_BF16, PRECISION)
+        a_offs += BLOCK_K
+        w_ptrs += BLOCK_K
+    g_x = round_to(acc, g_x_ptr.dtype.element_ty, INTERP_BF16)
+    tl.store(g_x_ptr + rows.to(tl.int64)[:, None] * d + dcols[None, :], g_x, mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _encode_bwd_dw_kernel(
+    # pointers
+    x_ptr,  # (B, d) input rows
+    b_dec_ptr,  # (d,)
+    g_f_ptr,  # (B, m) upstream grad of f
+    f_ptr,  # (B, m) saved f
+    g_l1_ptr,  # (B,) fp32 upstream grad of row_l1
+    w_ptr,  # (d, m) W_enc
+    g_w_ptr,  # (d, m) out: grad_W_enc = (x − b_dec)ᵀ grad_a
+    g_b_enc_ptr,  # (m,) out: grad_b_enc = Σ_rows grad_a (written by the d-tile-0 programs)
+    g_b_dec_part_ptr,  # (n_m_tiles, d) fp32 out: −W_enc[:, tile] Σ_rows grad_a[:, tile]
+    # sizes
+    B, d, m,
+    # meta-parameters
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One (BLOCK_D, BLOCK_M) tile of grad_W_enc = (x − b_dec)ᵀ grad_a, reducing over the
+    batch, plus the column sums s = Σ_rows grad_a of its features, which give
+    grad_b_enc = s and grad_b_dec = −Σ_rows grad_x = −W_enc s (this tile's share; the
+    launcher sums the shares over feature tiles), so grad_b_dec needs no grad_x GEMM."""
+    n_d = tl.cdiv(d, BLOCK_D)
+    n_m = tl.cdiv(m, BLOCK_M)
+    pid_d, pid_m = tile_ids(tl.program_id(0), n_d, n_m, GROUP)
+    dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = tl.arange(0, BLOCK_K)
+    d_ok = dcols < d
+    col_ok = cols < m
+    bd = tl.load(b_dec_ptr + dcols, mask=d_ok, other=0.0).to(tl.float32)
+    x_ptrs = x_ptr + ks.to(tl.int64)[:, None] * d + dcols[None, :]  # (BLOCK_K, BLOCK_D) rows of x
+    a_offs = ks.to(tl.int64)[:, None] * m + cols[None, :]  # (BLOCK_K, BLOCK_M) into (B, m)
+    acc = tl.zeros((BLOCK_D, BLOCK_M), tl.float32)
+    col_sum = tl.zeros((BLOCK_M,), tl.float32)
+    for k0 in range(0, B, BLOCK_K):
+        k_ok = k0 + ks < B
+        g_l1 = tl.load(g_l1_ptr + k0 + ks, mask=k_ok, other=0.0)[:, None]
+        ga32, ga = _grad_a_tile(g_f_ptr, f_ptr, g_l1, a_offs, k_ok[:, None] & col_ok[None, :],
+                                x_ptr.dtype.element_ty, INTERP_BF16)
+        xt = tl.load(x_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        xc = round_to(xt.to(tl.float32) - bd[None, :], xt.dtype, INTERP_BF16)  # padded rows meet grad_a = 0
+        acc = mma(acc, tl.trans(xc), ga, INTERP_BF16, PRECISION)
+        col_sum += tl.sum(ga32, axis=0)
+        x_ptrs += BLOCK_K * d
+        a_offs += BLOCK_K * m
+    ok = d_ok[:, None] & col_ok[None, :]
+    w_offs = dcols.to(tl.int64)[:, None] * m + cols[None, :]
+    tl.store(g_w_ptr + w_offs, round_to(acc, g_w_ptr.dtype.element_ty, INTERP_BF16), mask=ok)
+    if pid_d == 0:
+        tl.store(g_b_enc_ptr + cols, round_to(col_sum, g_b_enc_ptr.dtype.element_ty, INTERP_BF16), mask=col_ok)
+    w = tl.load(w_ptr + w_offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(g_b_dec_part_ptr + pid_m.to(tl.int64) * d + dcols, -tl.sum(w * col_sum[None, :], axis=1), mask=d_ok)
+
+
+@nvtx_range("esosae.encode.fwd")
+def encode_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
+                   theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """f (B, m) in x's dtype, row_l1 (B,) fp32, fire_count (m,) int32; see the module doc."""
+    dtype, n = check_inputs(
+        "encode", _encode_fwd_kernel,
+        {"x": x, "W_enc": W_enc, "b_enc": b_enc, "b_dec": b_dec, "theta": theta},
+        {"x": ("B", "d"), "W_enc": ("d", "m"), "b_enc": ("m",), "b_dec": ("d",), "theta": ("m",)},
+        ("x", "W_enc", "b_enc", "b_dec"))
+    B, d, m = n["B"], n["d"], n["m"]
+    cfg = matmul_config(B, m, d, dtype, interpreted(_encode_fwd_kernel))
+    n_b, n_m = triton.cdiv(B, cfg.BLOCK_M), triton.cdiv(m, cfg.BLOCK_N)
+    f = alloc((B, m), dtype, x.device)
+    l1_part = alloc((n_m, B), torch.float32, x.device)
+    fire_part = alloc((n_b, m), torch.int32, x.device)
+    _encode_fwd_kernel[(n_b * n_m,)](
+        x, W_enc, b_enc, b_dec, theta, f, l1_part, fire_part, B, d, m,
+        BLOCK_B=cfg.BLOCK_M, BLOCK_M=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP=cfg.GROUP,
+        INTERP_BF16=interp_bf16(_encode_fwd_kernel, dtype), PRECISION=dot_precision(dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return f, l1_part.sum(0), fire_part.sum(0, dtype=torch.int32)
+
+
+@nvtx_range("esosae.encode.bwd")
+def encode_backward(grad_f: torch.Tensor, grad_l1: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor,
+                    b_dec: torch.Tensor, f: torch.Tensor, need: tuple[bool, ...]) -> tuple[torch.Tensor | None, ...]:
+    """(grad_x, grad_W_enc, grad_b_enc, grad_b_dec) for the inputs (x, W_enc, b_enc, b_dec)
+    whose ``need`` flag is set; None for the others."""
+    B, d = x.shape
+    m = W_enc.shape[1]
+    dtype = x.dtype
+    grad_f = grad_f.to(dtype).contiguous()  # upstream grads may arrive expanded or in another dtype
+    grad_l1 = grad_l1.to(torch.float32).contiguous()
+    grads: list[torch.Tensor | None] = [None] * 4
+    if need[0]:
+        cfg = matmul_config(B, d, m, dtype, interpreted(_encode_bwd_dx_kernel))
+        grads[0] = alloc((B, d), dtype, x.device)
+        grid = (triton.cdiv(B, cfg.BLOCK_M) * triton.cdiv(d, cfg.BLOCK_N),)
+        _encode_bwd_dx_kernel[grid](
+            grad_f, f, grad_l1, W_enc, grads[0], B, d, m,
+            BLOCK_B=cfg.BLOCK_M, BLOCK_D=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP=cfg.GROUP,
+            INTERP_BF16=interp_bf16(_encode_bwd_dx_kernel, dtype), PRECISION=dot_precision(dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if any(need[1:]):
+        cfg = matmul_config(d, m, B, dtype, interpreted(_encode_bwd_dw_kernel))
+        n_d, n_m = triton.cdiv(d, cfg.BLOCK_M), triton.cdiv(m, cfg.BLOCK_N)
+        grad_w = alloc((d, m), dtype, x.device)
+        grad_b_enc = alloc((m,), dtype, x.device)
+        g_b_dec_part = alloc((n_m, d), torch.float32, x.device)
+        _encode_bwd_dw_kernel[(n_d * n_m,)](
+            x, b_dec, grad_f, f, grad_l1, W_enc, grad_w, grad_b_enc, g_b_dec_part, B, d, m,
+            BLOCK_D=cfg.BLOCK_M, BLOCK_M=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP=cfg.GROUP,
+            INTERP_BF16=interp_bf16(_encode_bwd_dw_kernel, dtype), PRECISION=dot_precision(dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        found = (grad_w, grad_b_enc, g_b_dec_part.sum(0).to(dtype))
+        grads[1:] = [g if wanted else None for g, wanted in zip(found, need[1:])]
+    return tuple(grads)
+
+
+class EncodeFunction(torch.autograd.Function):
+    """Autograd for ``encode``. Gradients, with grad_a = (grad_f + grad_row_l1)·1[a > θ]:
+
+        grad_x = grad_a W_encᵀ              grad_W_enc = (x − b_dec)ᵀ grad_a
+        grad_b_enc = Σ_rows grad_a          grad_b_dec = −Σ_rows grad_x = −W_enc grad_b_enc
+
+    θ gets none; fire_count is not differentiable.
+
+    Mask: the backward reads the saved f and uses 1[f ≠ 0] as 1[a > θ]. For θ ≥ 0 the two
+    agree (a > θ ≥ 0 gives f = a > 0; a ≤ θ gives f = 0, including a = θ = 0), and the
+    forward counts fires the same way, so counts and gradients never disagree. Keeping f costs
+    nothing: the decoder's backward keeps the same tensor. Recomputing a would cost a fourth
+    B×d×m GEMM (+33% FLOPs), and a packed bit mask B·m/8 bytes of extra writes and reads.
+
+    Reductions: row_l1, fire counts and grad_b_dec go through per-program partial buffers
+    summed by torch (deterministic, every element written once, and small: one value per
+    tile row or column); grad_b_enc is reduced whole inside the programs of the first
+    d-tile. No atomics, so results are bitwise reproducible.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, theta):
+        f, row_l1, fire_count = encode_forward(x, W_enc, b_enc, b_dec, theta)
+        ctx.save_for_backward(x, W_enc, b_dec, f)
+        ctx.mark_non_differentiable(fire_count)
+        return f, row_l1, fire_count
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_f, grad_l1, _grad_fire):
+        x, W_enc, b_dec, f = ctx.saved_tensors
+        return (*encode_backward(grad_f, grad_l1, x, W_enc, b_dec, f, ctx.needs_input_grad[:4]), None)
+
+
+encode = EncodeFunction.apply
