@@ -1,13 +1,15 @@
 """Triton kernels for the SAE hot path, importable as ``esosae.kernels``.
 
-The ops have the signatures and results of their ``esosae.reference`` counterparts and are
-differentiable (torch.autograd.Function):
+The three ops have the signatures and results of their ``esosae.reference`` counterparts
+and are differentiable (torch.autograd.Function):
 
 - ``encode(x, W_enc, b_enc, b_dec, theta) -> (f, row_l1, fire_count)``  (encoder.py)
 - ``decode(f, W_dec, bias, target) -> (x_hat, sq_err)``                  (decoder.py)
+- ``orth_penalty(W_dec1, W_dec2, margin, tiles=None) -> scalar``         (orthogonality.py)
 """
 
 from esosae.kernels.decoder import decode
 from esosae.kernels.encoder import encode
+from esosae.kernels.orthogonality import orth_penalty
 
-__all__ = ["decode", "encode"]
+__all__ = ["decode", "encode", "orth_penalty"]

@@ -1,0 +1,151 @@
+"""The kernels' shared pieces, and the interpreter trap their bf16 handling works around."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from esosae import reference
+from esosae.kernels import utils
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+interpreter_only = pytest.mark.skipif(not INTERPRET, reason="checks Triton's CPU interpreter")
+
+
+@triton.jit
+def _dot_kernel(a_ptr, b_ptr, c_ptr, N: tl.constexpr, INTERP_BF16: tl.constexpr):
+    r = tl.arange(0, N)
+    offs = r[:, None] * N + r[None, :]
+    c = utils.mma(tl.zeros((N, N), tl.float32), tl.load(a_ptr + offs), tl.load(b_ptr + offs), INTERP_BF16, "ieee")
+    tl.store(c_ptr + offs, c)
+
+
+@triton.jit
+def _cast_kernel(x_ptr, plain_ptr, rounded_ptr, N: tl.constexpr, INTERP_BF16: tl.constexpr):
+    r = tl.arange(0, N)
+    x = tl.load(x_ptr + r)
+    tl.store(plain_ptr + r, x.to(tl.bfloat16))
+    tl.store(rounded_ptr + r, utils.round_to(x, tl.bfloat16, INTERP_BF16))
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor, interp_bf16: bool) -> torch.Tensor:
+    c = torch.empty(a.shape, dtype=torch.float32)
+    _dot_kernel[(1,)](a, b, c, N=a.shape[0], INTERP_BF16=interp_bf16)
+    return c
+
+
+def _rel_err(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    ref = a.double() @ b.double()
+    return ((c.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+@interpreter_only
+def test_interpreter_trap_bf16_dot_is_still_wrong():
+    """The trap itself (triton 3.9): a raw bf16 tl.dot under the interpreter is garbage.
+    If this test fails, the interpreter got fixed and INTERP_BF16's widening can go."""
+    a, b = torch.randn(32, 32).bfloat16(), torch.randn(32, 32).bfloat16()
+    assert _rel_err(_dot(a, b, interp_bf16=False), a, b) > 1.0
+
+
+@interpreter_only
+def test_interpreter_trap_bf16_cast_still_truncates():
+    """The second face of the trap: fp32 → bf16 casts truncate instead of rounding to
+    nearest even. If this fails, the interpreter got fixed and round_to's hand rounding can go."""
+    x = torch.randn(1024)
+    plain, rounded = torch.empty(1024, dtype=torch.bfloat16), torch.empty(1024, dtype=torch.bfloat16)
+    _cast_kernel[(1,)](x, plain, rounded, N=1024, INTERP_BF16=True)
+    assert torch.equal(plain, _truncate_to_bf16(x))
+    assert not torch.equal(plain, x.bfloat16())
+
+
+def _truncate_to_bf16(x: torch.Tensor) -> torch.Tensor:
+    return (x.view(torch.int32) & -65536).view(torch.float32).bfloat16()
+
+
+@interpreter_only
+def test_workaround_makes_interpreted_bf16_dot_right():
+    a, b = torch.randn(32, 32).bfloat16(), torch.randn(32, 32).bfloat16()
+    assert _rel_err(_dot(a, b, interp_bf16=True), a, b) < 1e-6
+    for dtype in (torch.float16, torch.float32):  # these were never affected
+        a16, b16 = a.to(dtype), b.to(dtype)
+        assert _rel_err(_dot(a16, b16, interp_bf16=False), a16, b16) < 1e-6
+
+
+@interpreter_only
+def test_round_to_rounds_to_nearest_even_like_torch():
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8,
+                            3.3895e38, -2.5e-3])
+    x = torch.cat([special, torch.randn(1015) * torch.logspace(-30, 30, 1015)])
+    plain, rounded = torch.empty(1024, dtype=torch.bfloat16), torch.empty(1024, dtype=torch.bfloat16)
+    _cast_kernel[(1,)](x, plain, rounded, N=1024, INTERP_BF16=True)
+    want = x.bfloat16()
+    assert torch.equal(rounded.view(torch.int16)[1:], want.view(torch.int16)[1:])  # bit-exact, signed zeros too
+    assert rounded[0].isnan()
+
+
+def test_interp_bf16_flag_only_for_interpreted_bf16():
+    assert utils.interp_bf16(_dot_kernel, torch.bfloat16) == INTERPRET
+    assert not utils.interp_bf16(_dot_kernel, torch.float16)
+    assert not utils.interp_bf16(_dot_kernel, torch.float32)
+
+
+def test_orth_tile_matches_reference():
+    assert utils.ORTH_TILE == reference.ORTH_TILE
+
+
+@pytest.mark.parametrize("interpret", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_config_tiles_are_powers_of_two_within_bounds(interpret, dtype):
+    for M, N, K in [(1, 1, 1), (37, 200, 48), (4096, 16384, 2304)]:
+        cfg = utils.matmul_config(M, N, K, dtype, interpret)
+        for block, size in ((cfg.BLOCK_M, M), (cfg.BLOCK_N, N), (cfg.BLOCK_K, K)):
+            assert block >= 16 and block & (block - 1) == 0  # tl.dot needs powers of two ≥ 16
+            assert block <= max(16, triton.next_power_of_2(size))
+
+
+def test_dot_precision_follows_torch_matmul_setting():
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert utils.dot_precision(torch.float32) == "ieee"
+        torch.set_float32_matmul_precision("high")
+        assert utils.dot_precision(torch.float32) == "tf32"
+        assert utils.dot_precision(torch.bfloat16) == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+def test_poisoned_outputs_fill_and_restore():
+    with utils.poisoned_outputs():
+        assert utils.alloc((3,), torch.float32, torch.device("cpu")).isnan().all()
+        assert (utils.alloc((3,), torch.int32, torch.device("cpu")) == torch.iinfo(torch.int32).min).all()
+    assert utils.alloc((3,), torch.float32, torch.device("cpu")).shape == (3,)
+    assert not utils._POISON
+
+
+def test_kernels_refuse_cpu_tensors_without_the_interpreter():
+    """Without TRITON_INTERPRET=1 the kernels are compiled for CUDA: CPU tensors get a clear
+    ValueError from every op, not a crash inside Triton."""
+    code = textwrap.dedent("""
+        import torch
+        from esosae.kernels import decode, encode, orth_penalty
+        x, W, b = torch.randn(4, 8), torch.randn(8, 16), torch.zeros(16)
+        calls = [lambda: encode(x, W, b, torch.zeros(8), b), lambda: decode(torch.randn(4, 16), W.T.contiguous(),
+                 torch.zeros(8), x), lambda: orth_penalty(W.T.contiguous(), W.T.contiguous(), 0.1)]
+        for call in calls:
+            try:
+                call()
+            except ValueError as e:
+                assert "TRITON_INTERPRET=1" in str(e) and "CUDA" in str(e), e
+            else:
+                raise SystemExit("no error")
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
