@@ -98,11 +98,11 @@ def matmul_config(M: int, N: int, K: int, dtype: torch.dtype, interpret: bool) -
     """Tiles for a product with output M × N and reduction K.
 
     Compiled: 128×128×64 tiles, 8 warps, 3 stages for 16-bit operands (tensor cores);
-    64×64×32, 4 warps for fp32. Interpreted: one program per 128×128 output tile and 128-wide
-    reductions, since the interpreter's cost is per program and per loop step, not per element.
+    64×64×32, 4 warps for fp32. Interpreted: 32×32×32 tiles in groups of 2, so that the small
+    shapes of the CPU tests still span several tiles, groups and reduction steps.
     """
     if interpret:
-        return MatmulConfig(_fit(128, M), _fit(128, N), _fit(128, K), 8, 4, 1)
+        return MatmulConfig(_fit(32, M), _fit(32, N), _fit(32, K), 2, 4, 1)
     if dtype == torch.float32:
         return MatmulConfig(_fit(64, M), _fit(64, N), _fit(32, K), 8, 4, 3)
     return MatmulConfig(_fit(128, M), _fit(128, N), _fit(64, K), 8, 8, 3)
@@ -174,7 +174,12 @@ def check_device(op: str, kernel: object, tensors: dict[str, torch.Tensor]) -> N
         where = ", ".join(f"{n} on {t.device}" for n, t in tensors.items())
         raise ValueError(f"{op}: all tensors must be on one device ({where})")
     device = devices.pop()
-    if device.type == "cuda" or (device.type == "cpu" and interpreted(kernel)):
+    if device.type == "cuda":
+        if device.index != torch.cuda.current_device():  # Triton launches on the current device
+            raise ValueError(f"{op}: tensors are on {device} but the current device is "
+                             f"cuda:{torch.cuda.current_device()}; call torch.cuda.set_device({device.index})")
+        return
+    if device.type == "cpu" and interpreted(kernel):
         return
     if device.type == "cpu":
         raise ValueError(f"{op}: the Triton kernels need CUDA tensors; to run them on the CPU, set "

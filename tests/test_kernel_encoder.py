@@ -167,6 +167,18 @@ def test_encode_upstream_grads_missing_or_expanded():
             assert (g.double() - r).abs().max() <= FP32_TOL * max(1.0, r.abs().max().item())
 
 
+def test_encode_propagates_nan_like_the_reference():
+    """A NaN input poisons its row's f and row_l1 (as a·1[a > θ] does), and fires nothing."""
+    inp = make_inputs(37, 48, 200, torch.float32, "jump")
+    inp["x"][3, 5] = float("nan")
+    out = encode(*(inp[k] for k in INPUTS), inp["theta"])
+    ref = reference.encode(*(inp[k] for k in INPUTS), inp["theta"])
+    for o, r in zip(out, ref):
+        assert torch.equal(o.isnan(), r.isnan())
+    assert out[0][3].isnan().all() and out[1][3].isnan() and not out[0][2].isnan().any()
+    assert torch.equal(out[2], ref[2])
+
+
 def test_fire_count_is_not_differentiable():
     inp = make_inputs(32, 64, 256, torch.float32, "jump")
     f, row_l1, fire = encode(inp["x"], inp["W_enc"].requires_grad_(), inp["b_enc"], inp["b_dec"], inp["theta"])

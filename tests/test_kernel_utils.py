@@ -33,6 +33,14 @@ def _cast_kernel(x_ptr, plain_ptr, rounded_ptr, N: tl.constexpr, INTERP_BF16: tl
     tl.store(rounded_ptr + r, utils.round_to(x, tl.bfloat16, INTERP_BF16))
 
 
+@triton.jit
+def _tile_ids_kernel(out_ptr, n_rows, n_cols, GROUP: tl.constexpr):
+    pid = tl.program_id(0)
+    r, c = utils.tile_ids(pid, n_rows, n_cols, GROUP)
+    tl.store(out_ptr + 2 * pid, r)
+    tl.store(out_ptr + 2 * pid + 1, c)
+
+
 def _dot(a: torch.Tensor, b: torch.Tensor, interp_bf16: bool) -> torch.Tensor:
     c = torch.empty(a.shape, dtype=torch.float32)
     _dot_kernel[(1,)](a, b, c, N=a.shape[0], INTERP_BF16=interp_bf16)
@@ -86,6 +94,14 @@ def test_round_to_rounds_to_nearest_even_like_torch():
     want = x.bfloat16()
     assert torch.equal(rounded.view(torch.int16)[1:], want.view(torch.int16)[1:])  # bit-exact, signed zeros too
     assert rounded[0].isnan()
+
+
+@interpreter_only
+@pytest.mark.parametrize("n_rows,n_cols,group", [(1, 3, 2), (5, 3, 2), (7, 4, 8), (6, 1, 4)])
+def test_tile_ids_visit_every_tile_once(n_rows, n_cols, group):
+    out = torch.full((n_rows * n_cols, 2), -1, dtype=torch.int32)
+    _tile_ids_kernel[(n_rows * n_cols,)](out, n_rows, n_cols, GROUP=group)
+    assert sorted(map(tuple, out.tolist())) == [(r, c) for r in range(n_rows) for c in range(n_cols)]
 
 
 def test_interp_bf16_flag_only_for_interpreted_bf16():
