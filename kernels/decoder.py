@@ -3,10 +3,11 @@
     x̂ = f W_dec + bias                     (B, d), f's dtype
     sq_err = ‖target − x̂‖²                  (B,) fp32, from the x̂ that is returned
 
-f is the encoder's output: mostly zeros, but the dense tiled product is kept because at the
-sizes we train (L0 of tens to hundreds over m of thousands, B of thousands) a tile of 128
-rows almost always holds a non-zero in every column block, so a gather path would read as
-much of W_dec while losing the tensor cores.
+f is the encoder's output, mostly zeros, but the product is dense and tiled. A gather path
+(per token, only the L0 active rows of W_dec: 2·B·L0·d FLOPs instead of 2·B·m·d) trades the
+tensor cores' dense rate for memory-bound row gathers, and its backward needs a scatter for
+grad_W_dec = fᵀ g; where it breaks even depends on L0/m and the GPU, so it waits for
+measurements on one rather than being guessed at here.
 """
 
 from __future__ import annotations

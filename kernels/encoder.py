@@ -5,9 +5,10 @@
     row_l1 = Σ_j f                         (B,)  fp32
     fire_count = Σ_rows 1[f ≠ 0]           (m,)  int32
 
-θ (m,) is computed by the caller (θ = τ(t)·clamp(μ) in ``esosae.train``), because it changes
-once per step while the kernel runs many times per step, and the caller needs it anyway for
-logging; the kernel reads it as fp32.
+θ (m,) is computed by the caller, not in the kernel: θ = τ(t)·clamp(μ, μ_min, μ_max) is a
+per-step scalar times per-feature margins that ``esosae.train.set_thresholds`` keeps in a
+model buffer (checkpointed and logged), and forming it is an m-element op next to a B×d×m
+GEMM. The kernel reads θ as fp32, whatever its float dtype.
 """
 
 from __future__ import annotations
@@ -248,11 +249,14 @@ class EncodeFunction(torch.autograd.Function):
 
     θ gets none; fire_count is not differentiable.
 
-    Mask: the backward reads the saved f and uses 1[f ≠ 0] as 1[a > θ]. For θ ≥ 0 the two
-    agree (a > θ ≥ 0 gives f = a > 0; a ≤ θ gives f = 0, including a = θ = 0), and the
-    forward counts fires the same way, so counts and gradients never disagree. Keeping f costs
-    nothing: the decoder's backward keeps the same tensor. Recomputing a would cost a fourth
-    B×d×m GEMM (+33% FLOPs), and a packed bit mask B·m/8 bytes of extra writes and reads.
+    Mask: the backward reads the saved f and uses 1[f ≠ 0] as 1[a > θ]. For θ ≥ 0 (the
+    trainer's case) the two agree: a > θ ≥ 0 gives f = a > 0, and a ≤ θ gives f = 0,
+    including a = θ = 0. The one exception, a > θ with a so small that f rounds to zero in
+    its dtype (below fp16's or bf16's smallest subnormal, or a = 0 > θ), is counted as not
+    firing by the forward too, so fire counts and gradients never disagree. Keeping f costs
+    nothing: the decoder's backward keeps the same tensor. Recomputing a would cost another
+    B×d×m GEMM (+33% FLOPs over forward, grad_x and grad_W_enc), and a packed bit mask B·m/8
+    bytes of extra writes and reads.
 
     Reductions: row_l1, fire counts and grad_b_dec go through per-program partial buffers
     summed by torch (deterministic, every element written once, and small: one value per
