@@ -90,7 +90,8 @@ class MatmulConfig:
 
 
 def _fit(block: int, size: int) -> int:
-    """The largest power of two ≤ block that a dimension of ``size`` needs (tl.dot needs ≥ 16)."""
+    """Tile side for a dimension of ``size``: its next power of two, capped at ``block``, and
+    at least 16 (tl.dot's minimum)."""
     return max(16, min(block, triton.next_power_of_2(size)))
 
 
