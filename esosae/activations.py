@@ -1,0 +1,279 @@
+"""Harvest a language model's activations at a hook into an on-disk cache, and serve them.
+
+One cache is a folder ``<cache>/activations/<model>__<hook>__<dataset hash>/``:
+
+    meta.json           the settings it was built for, row counts, dtype, the scale s, and
+                        the byte size and sha256 of every file below
+    train_00000.npy …   (≤ CHUNK_ROWS, d) training activations, memory-mapped when read
+    heldout.npy         (eval_tokens, d) held-out activations, from contexts that give no
+                        training row
+    heldout_tokens.npy  (n_contexts, context_size + 1) int32: those held-out contexts
+
+Arrays are float16, or bfloat16 stored as its uint16 bit pattern (numpy has no bfloat16).
+Rows are text positions only: BOS, pad and separator positions are dropped (models.py).
+The scale s = sqrt(d / mean‖x‖²) over every training row (METHOD.md §1) is stored in
+meta.json, so that E‖s·x‖² = d on the cached data.
+
+A cache is written into a temporary sibling and renamed into place when complete, so an
+interrupted harvest never leaves a folder that looks finished. Reuse needs the same
+settings (model, hook, dataset files, context size, token counts, dtype, seed) and every
+checksum to match; otherwise the cache is rebuilt, with a message saying why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from esosae import data
+from esosae.config import TrainConfig
+from esosae.errors import UserError
+from esosae.models import cache_root, check_hook, file_sha256, hook_activations, load_model, note
+from esosae.runio import atomic_dir
+from esosae.sources import ArraySource
+
+FORMAT_VERSION = 1
+CHUNK_ROWS = 1 << 17
+META = "meta.json"
+PID_FILE = "harvesting.pid"
+STORAGE = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, torch.bfloat16)}
+
+
+class CacheError(UserError):
+    """Activations that cannot be harvested or stored; the message says what to change."""
+
+
+# -- where a cache lives and what it must match ------------------------------------------
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
+
+
+def cache_folder(cfg: TrainConfig) -> Path:
+    """The folder of the cache for this config's model, hook and dataset list."""
+    digest = hashlib.sha256(cfg.data.dataset.encode()).hexdigest()[:10]
+    name = f"{_slug(cfg.model.model)}__{_slug(cfg.model.hook)}__{digest}"
+    return cache_root(cfg.model.cache_dir) / "activations" / name
+
+
+def wanted_settings(cfg: TrainConfig, sources: list[data.TextSource]) -> dict[str, Any]:
+    """Everything the cached rows depend on; a cache is reused only if these are equal."""
+    d = cfg.data
+    return {"format": FORMAT_VERSION, "model": cfg.model.model, "hook": cfg.model.hook,
+            "dataset": [s.describe() for s in sources], "context_size": d.context_size,
+            "harvest_tokens": d.harvest_tokens, "eval_tokens": d.eval_tokens,
+            "dtype": d.cache_dtype, "data_seed": d.data_seed, "shuffle_contexts": data.SHUFFLE_CONTEXTS}
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def cache_problem(folder: Path, wanted: dict[str, Any]) -> str | None:
+    """Why the cache in ``folder`` cannot be reused, or None when it can."""
+    try:
+        meta = json.loads((folder / META).read_text())
+        files, settings = meta["files"], meta["settings"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return "no cache yet" if not folder.exists() else f"{META} is missing or damaged"
+    if settings != wanted:
+        diff = [k for k in wanted if settings.get(k) != wanted[k]]
+        return "built for " + ", ".join("other dataset files" if k == "dataset" else
+                                        f"{k}={settings.get(k)} (now {wanted[k]})" for k in diff)
+    for name, rec in files.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != rec["bytes"]:
+            return f"{name} is missing or truncated"
+        if file_sha256(path) != rec["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+# -- reading -----------------------------------------------------------------------------
+
+
+def _as_torch(rows: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(rows))
+    return t.view(dtype) if dtype == torch.bfloat16 else t
+
+
+class ChunkedRows:
+    """(N, d) rows spread over memory-mapped chunks; ``rows[idx]`` → tensor in the cache dtype."""
+
+    def __init__(self, chunks: list[np.ndarray], dtype: torch.dtype):
+        self.chunks, self.dtype = chunks, dtype
+        self.offsets = np.cumsum([0] + [len(c) for c in chunks])  # (n_chunks + 1,)
+        self.shape = (int(self.offsets[-1]), int(chunks[0].shape[1]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx: Any) -> torch.Tensor:
+        idx = np.arange(self.shape[0])[idx] if isinstance(idx, slice) else np.asarray(idx)
+        order = np.argsort(idx, kind="stable")
+        sorted_idx = idx[order]
+        cuts = np.searchsorted(sorted_idx, self.offsets)  # rows of each chunk: [cuts[c], cuts[c+1])
+        parts = [self.chunks[c][sorted_idx[cuts[c]:cuts[c + 1]] - self.offsets[c]]
+                 for c in range(len(self.chunks)) if cuts[c + 1] > cuts[c]]
+        rows = np.concatenate(parts) if parts else np.empty((0, self.shape[1]), self.chunks[0].dtype)
+        out = np.empty_like(rows)
+        out[order] = rows
+        return _as_torch(out, self.dtype)
+
+
+@dataclass
+class ActivationCache:
+    """An opened cache: memory-mapped training rows and the held-out set."""
+
+    folder: Path
+    meta: dict[str, Any]
+    train: ChunkedRows
+    heldout: torch.Tensor
+    """(eval_tokens, d) in the cache dtype."""
+    heldout_tokens: np.ndarray
+    """(n_contexts, context_size + 1) int32: the held-out contexts, BOS first."""
+
+    @property
+    def scale(self) -> float:
+        return float(self.meta["scale"])
+
+
+def open_cache(folder: Path) -> ActivationCache:
+    """Open a cache that ``cache_problem`` accepted (nothing is read into memory but held-out)."""
+    meta = json.loads((folder / META).read_text())
+    dtype = STORAGE[meta["settings"]["dtype"]][1]
+    chunks = [np.load(folder / name, mmap_mode="r") for name in meta["train_files"]]
+    heldout = _as_torch(np.load(folder / "heldout.npy"), dtype)
+    return ActivationCache(folder, meta, ChunkedRows(chunks, dtype), heldout,
+                           np.load(folder / "heldout_tokens.npy"))
+
+
+# -- harvesting --------------------------------------------------------------------------
+
+
+class _ChunkWriter:
+    """Writes exactly ``total`` rows of width d into .npy chunks of ≤ CHUNK_ROWS rows."""
+
+    def __init__(self, folder: Path, total: int, d: int, np_dtype: Any):
+        self.files = [f"train_{i:05d}.npy" for i in range(-(-total // CHUNK_ROWS))]
+        self.arrays = [np.lib.format.open_memmap(folder / f, mode="w+", dtype=np_dtype,
+                                                 shape=(min(CHUNK_ROWS, total - i * CHUNK_ROWS), d))
+                       for i, f in enumerate(self.files)]
+        self.total, self.n = total, 0
+
+    def write(self, rows: np.ndarray) -> None:
+        rows = rows[:self.total - self.n]
+        while len(rows):
+            c, at = divmod(self.n, CHUNK_ROWS)
+            k = min(len(rows), CHUNK_ROWS - at)
+            self.arrays[c][at:at + k] = rows[:k]
+            rows, self.n = rows[k:], self.n + k
+
+    def close(self) -> None:
+        for a in self.arrays:
+            a.flush()
+        self.arrays = []
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    """Delete temporary folders left by harvests whose process no longer exists (e.g. killed)."""
+    for tmp in folder.parent.glob(f".{folder.name}.*.tmp"):
+        try:
+            os.kill(int((tmp / PID_FILE).read_text()), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (OSError, ValueError):
+            pass  # no pid yet, or another user's process: leave it
+
+
+def harvest(cfg: TrainConfig, sources: list[data.TextSource], folder: Path, device: torch.device,
+            progress: bool = True) -> None:
+    """Run the model over the text mixture and write a complete cache to ``folder``."""
+    d_cfg, hook = cfg.data, cfg.model.hook
+    model = load_model(cfg.model, device)
+    check_hook(model, hook)
+    stream = data.contexts(sources, model.tokenizer, model.bos_id, d_cfg.context_size, d_cfg.data_seed)
+    np_dtype, torch_dtype = STORAGE[d_cfg.cache_dtype]
+    rng = np.random.default_rng(d_cfg.data_seed)
+    held, held_tokens = [], []
+    n_held, sum_sq, t0 = 0, 0.0, time.perf_counter()
+    _remove_stale_temps(folder)
+    with atomic_dir(folder) as tmp:
+        (tmp / PID_FILE).write_text(str(os.getpid()))
+        writer = _ChunkWriter(tmp, d_cfg.harvest_tokens, model.d_model, np_dtype)
+        bar = tqdm(total=d_cfg.eval_tokens + d_cfg.harvest_tokens, unit="tok", unit_scale=True,
+                   desc="harvest", dynamic_ncols=True, mininterval=2.0, disable=not progress)
+        for tokens in data.batches(stream, d_cfg.harvest_batch):  # (B, T + 1)
+            acts = hook_activations(model, tokens, hook).to("cpu", torch_dtype)  # (B, T + 1, d)
+            if not torch.isfinite(acts).all():
+                raise CacheError(f"activations at {hook} overflow {d_cfg.cache_dtype}; "
+                                 "use --cache-dtype bfloat16")
+            keep = model.keep(tokens)  # (B, T + 1)
+            counts = keep.sum(1)  # (B,)
+            to_held = (counts.cumsum(0) - counts) < d_cfg.eval_tokens - n_held  # (B,) whole contexts
+            if to_held.any():
+                rows = acts[to_held][keep[to_held]][:d_cfg.eval_tokens - n_held]
+                held.append(rows)
+                held_tokens.append(tokens[to_held])
+                n_held += len(rows)
+            rows = acts[~to_held][keep[~to_held]]  # (n, d) text positions of training contexts
+            rows = rows[torch.from_numpy(rng.permutation(len(rows)))][:d_cfg.harvest_tokens - writer.n]
+            sum_sq += rows.double().square().sum().item()
+            writer.write(rows.view(torch.uint16).numpy() if np_dtype is np.uint16 else rows.numpy())
+            bar.update(int(keep.sum()))
+            if writer.n == d_cfg.harvest_tokens:
+                break
+        bar.close()
+        writer.close()
+        if writer.n < d_cfg.harvest_tokens:
+            raise CacheError(f"--dataset {d_cfg.dataset!r} ran out after {n_held + writer.n:,} tokens; "
+                             f"--harvest-tokens {d_cfg.harvest_tokens:,} + --eval-tokens "
+                             f"{d_cfg.eval_tokens:,} need more text: lower them or add text")
+        held_rows = torch.cat(held)
+        np.save(tmp / "heldout.npy", held_rows.view(torch.uint16).numpy() if np_dtype is np.uint16
+                else held_rows.numpy())
+        np.save(tmp / "heldout_tokens.npy", torch.cat(held_tokens).to(torch.int32).numpy())
+        (tmp / PID_FILE).unlink()
+        names = writer.files + ["heldout.npy", "heldout_tokens.npy"]
+        seconds = time.perf_counter() - t0
+        meta = {"settings": wanted_settings(cfg, sources), "d": model.d_model,
+                "train_rows": writer.n, "heldout_rows": len(held_rows), "train_files": writer.files,
+                "scale": (model.d_model * writer.n / sum_sq) ** 0.5, "bos_id": model.bos_id,
+                "harvest_seconds": seconds, "tokens_per_s": (n_held + writer.n) / seconds,
+                "files": {name: _file_record(tmp / name) for name in names}}
+        (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def ensure_cache(cfg: TrainConfig, device: torch.device | str = "cpu", progress: bool = True) -> ActivationCache:
+    """The cache for ``cfg``: reused when it matches, otherwise (re)built."""
+    sources = data.parse_sources(cfg.data.dataset)
+    folder = cache_folder(cfg)
+    problem = cache_problem(folder, wanted_settings(cfg, sources))
+    if problem is None:
+        note(f"using cached activations in {folder}")
+    else:
+        if folder.exists():
+            note(f"activation cache {folder}: {problem}; rebuilding it")
+        harvest(cfg, sources, folder, torch.device(device), progress)
+    return open_cache(folder)
+
+
+def lm_source(cfg: TrainConfig, device: torch.device | str = "cpu") -> ArraySource:
+    """The trainer's source over the cached activations (built first when needed)."""
+    cache = ensure_cache(cfg, device)
+    info = {"kind": "lm", "model": cfg.model.model, "hook": cfg.model.hook, "dataset": cfg.data.dataset,
+            "context_size": cfg.data.context_size, "heldout_rows": len(cache.heldout),
+            "cache": str(cache.folder)}
+    return ArraySource(cache.train, cache.heldout, seed=cfg.seed, scale=cache.scale, info=info)
