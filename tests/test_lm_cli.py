@@ -1,0 +1,50 @@
+"""``python train.py`` on a language-model source, in-process: a tiny run, then bad input."""
+
+import json
+
+import pytest
+from lm_helpers import TINY, register_tiny, write_txt
+
+from esosae import cli, models
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    register_tiny(monkeypatch)
+    monkeypatch.setattr(models, "hub_unavailable", lambda: "cannot reach huggingface.co: test")
+    text = write_txt(tmp_path / "text.txt", 150)
+    base = ["--model", TINY, "--hook", "blocks.1.hook_out", "--dataset", str(text),
+            "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "run"),
+            "--context-size", "16", "--harvest-tokens", "400", "--eval-tokens", "100", "--harvest-batch", "8",
+            "--steps", "4", "--batch-size", "64", "--m1", "32", "--m2", "32", "--no-eval"]
+    return tmp_path, base
+
+
+def test_tiny_lm_run_harvests_then_reuses(env, capsys):
+    tmp_path, base = env
+    assert cli.main(base) == 0
+    out, err = capsys.readouterr()
+    assert "run directory:" in out and (tmp_path / "run" / "summary.md").is_file()
+    source = json.loads((tmp_path / "run" / "config.json").read_text())["model"]
+    assert source["model"] == TINY and source["hook"] == "blocks.1.hook_out"
+    assert cli.main(base + ["--overwrite"]) == 0
+    assert "using cached activations" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["--hook", "blocks.1.hook_outt"], "close matches: blocks.1.hook_out"),
+    (["--dataset", "{tmp}/missing.jsonl"], "does not exist"),
+    (["--dataset", "{tmp}/empty.txt"], "is it empty?"),
+    (["--context-size", "0"], "context_size must be > 0"),
+])
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(env, capsys, flags, message):
+    tmp_path, base = env
+    (tmp_path / "empty.txt").write_text("")
+    rc = cli.main(base + [f.format(tmp=tmp_path) for f in flags])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("train.py: error:") and "\n" not in err and message in err
+    assert not (tmp_path / "run").exists()
+    activations = tmp_path / "cache" / "activations"
+    assert not activations.exists() or not any(activations.rglob("*"))
