@@ -32,10 +32,10 @@ EXIT_INTERRUPTED = 130
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line (no usage dump) and exits 2."""
+    """argparse whose usage errors raise ConfigError, so ``main`` reports them as one line."""
 
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        raise ConfigError(message)
 
 
 def _optional(tp: Any) -> tuple[Any, bool]:
@@ -96,11 +96,15 @@ def build_parser(prog: str = "train.py") -> OneLineParser:
 
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:
     """Defaults ← --config file ← flags; validation errors raise ConfigError."""
-    base = TrainConfig.from_json(ns.config) if getattr(ns, "config", None) else TrainConfig()
-    d = base.to_dict()
+    # Overlay raw dicts, not resolved configs: fields left unset stay "auto" until the
+    # final TrainConfig resolves them against the final source and arch.
+    d = TrainConfig.read_json(ns.config) if getattr(ns, "config", None) else {}
     for section, f, _ in _config_fields():
         if hasattr(ns, f.name):
-            (d[section] if section else d)[f.name] = getattr(ns, f.name)
+            target = d.setdefault(section, {}) if section else d
+            if not isinstance(target, dict):
+                raise ConfigError(f"config section {section!r} must be an object")
+            target[f.name] = getattr(ns, f.name)
     return TrainConfig.from_dict(d)
 
 

@@ -104,16 +104,16 @@ class SAEConfig:
 
     arch: str = "esosae"
     """'esosae' (JumpReLU with scheduled thresholds), 'relu' (vanilla ReLU + L1) or 'topk'."""
-    m1: int = 2304
-    """Width of layer 1 (features)."""
-    m2: int = 2304
-    """Width of layer 2, trained on layer 1's residual; 0 gives a single-layer SAE."""
-    k: int = 32
-    """Active features per token for arch='topk'."""
-    target_l0: float = 32.0
-    """Target active features per token per layer; sets freq_target = target_l0 / m."""
-    l1_coeff: float = 2.0
-    """L1 coefficient λ1 of layer 1 (sparsity pressure)."""
+    m1: int | None = None
+    """Width of layer 1 (default: from the source, see AUTO_DEFAULTS)."""
+    m2: int | None = None
+    """Width of layer 2, trained on layer 1's residual; 0 gives a single-layer SAE (default: m1, or 0 for relu/topk)."""
+    k: int | None = None
+    """Active features per token for arch='topk' (default: round(target_l0))."""
+    target_l0: float | None = None
+    """Target active features per token per layer; sets freq_target = target_l0 / m (default: from the source)."""
+    l1_coeff: float | None = None
+    """L1 coefficient λ1 of layer 1 (default: from the source and arch)."""
     l1_coeff2: float | None = None
     """L1 coefficient λ2 of layer 2 (default: same as λ1)."""
     margins: str = "adaptive"
@@ -146,13 +146,14 @@ class SAEConfig:
     def __post_init__(self) -> None:
         _one_of("arch", self.arch, ("esosae", "relu", "topk"))
         _one_of("margins", self.margins, ("adaptive", "fixed"))
-        _check(self.m1 > 0, f"m1 must be > 0 (got {self.m1})")
-        _check(self.m2 >= 0, f"m2 must be >= 0 (got {self.m2})")
-        _check(self.arch == "esosae" or self.m2 == 0, f"arch={self.arch} is single-layer: set m2=0")
-        _check(self.k > 0, f"k must be > 0 (got {self.k})")
-        _check(self.arch != "topk" or self.k <= self.m1, f"k={self.k} exceeds m1={self.m1}")
-        _check(self.target_l0 > 0, f"target_l0 must be > 0 (got {self.target_l0})")
-        _check(self.l1_coeff >= 0, f"l1_coeff must be >= 0 (got {self.l1_coeff})")
+        _check(self.m1 is None or self.m1 > 0, f"m1 must be > 0 (got {self.m1})")
+        _check(self.m2 is None or self.m2 >= 0, f"m2 must be >= 0 (got {self.m2})")
+        _check(self.arch == "esosae" or not self.m2, f"arch={self.arch} is single-layer: set m2=0")
+        _check(self.k is None or self.k > 0, f"k must be > 0 (got {self.k})")
+        _check(self.arch != "topk" or None in (self.k, self.m1) or self.k <= self.m1,
+               f"k={self.k} exceeds m1={self.m1}")
+        _check(self.target_l0 is None or self.target_l0 > 0, f"target_l0 must be > 0 (got {self.target_l0})")
+        _check(self.l1_coeff is None or self.l1_coeff >= 0, f"l1_coeff must be >= 0 (got {self.l1_coeff})")
         _check(self.l1_coeff2 is None or self.l1_coeff2 >= 0, "l1_coeff2 must be >= 0")
         _check(0 < self.mu_min <= 1 <= self.mu_max,
                f"need 0 < mu_min <= 1 <= mu_max (got mu_min={self.mu_min}, mu_max={self.mu_max})")
@@ -180,8 +181,8 @@ class ScheduleConfig:
     """Threshold schedule: 'exp' (geometric, default), 'linear' or 'const'."""
     tau_0: float = 1e-3
     """Starting threshold τ_0 (exp needs 0 < τ_0 < τ_T)."""
-    tau_final: float = 0.5
-    """Final threshold τ_T of layer 1, in units of the normalized activations."""
+    tau_final: float | None = None
+    """Final threshold τ_T of layer 1, in units of the normalized activations (default: from the source)."""
     tau_final2: float | None = None
     """Final threshold of layer 2 (default: same as layer 1)."""
     schedule_fraction: float = 0.8
@@ -196,6 +197,7 @@ class ScheduleConfig:
         _one_of("gamma_warmup", self.gamma_warmup, ("synced", "linear", "none"))
         _check(0 < self.schedule_fraction <= 1, "schedule_fraction must be in (0, 1]")
         _check(0 <= self.l1_warmup_fraction <= 1, "l1_warmup_fraction must be in [0, 1]")
+        _check(self.tau_0 >= 0, f"tau_0 must be >= 0 (got {self.tau_0})")
         for name in ("tau_final", "tau_final2"):
             tau_t = getattr(self, name)
             if tau_t is None:
@@ -258,6 +260,7 @@ class TrainConfig:
     """Profiling: 'none', 'nvtx' (NVTX ranges for Nsight) or 'torch' (torch.profiler trace)."""
 
     def __post_init__(self) -> None:
+        self._resolve_auto()
         _check(self.steps > 0, f"steps must be > 0 (got {self.steps})")
         _check(self.batch_size > 0, f"batch_size must be > 0 (got {self.batch_size})")
         _check(self.lr > 0, f"lr must be > 0 (got {self.lr})")
@@ -275,6 +278,27 @@ class TrainConfig:
         _one_of("backend", self.backend, ("auto", "triton", "torch"))
         _one_of("device", self.device, ("auto", "cpu", "cuda"))
         _one_of("profile", self.profile, ("none", "nvtx", "torch"))
+
+    def _resolve_auto(self) -> None:
+        """Fill the fields left as None ("auto") from AUTO_DEFAULTS for this source and arch,
+        then validate the sections again with the concrete values."""
+        key = self.data.synthetic if self.data.source == "synthetic" else "lm"
+        auto = AUTO_DEFAULTS[key]
+        sae, sched = self.sae, self.schedule
+        if sae.target_l0 is None:
+            sae.target_l0 = auto["target_l0"]
+        if sae.m1 is None:
+            sae.m1 = auto["m"]
+        if sae.m2 is None:
+            sae.m2 = sae.m1 if sae.arch == "esosae" else 0
+        if sae.k is None:
+            sae.k = max(1, round(sae.target_l0))
+        if sae.l1_coeff is None:
+            sae.l1_coeff = auto["l1_coeff_relu" if sae.arch == "relu" else "l1_coeff"]
+        if sched.tau_final is None:
+            sched.tau_final = auto["tau_final"]
+        sae.__post_init__()
+        sched.__post_init__()
 
     @property
     def tokens(self) -> int:
@@ -299,6 +323,11 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(cls.read_json(path))
+
+    @staticmethod
+    def read_json(path: str | Path) -> dict[str, Any]:
+        """The JSON object in ``path``, or a ConfigError naming the file and the problem."""
         try:
             d = json.loads(Path(path).read_text())
         except (OSError, UnicodeDecodeError) as e:
@@ -307,8 +336,17 @@ class TrainConfig:
             raise ConfigError(f"config {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(d, dict):
             raise ConfigError(f"config {path} must hold a JSON object")
-        return cls.from_dict(d)
+        return d
 
+
+AUTO_DEFAULTS: dict[str, dict[str, float]] = {
+    # The embedded language model (SmolLM2-135M, block 6); see README "The default run".
+    "lm": {"m": 2304, "target_l0": 32.0, "l1_coeff": 2.0, "l1_coeff_relu": 2.0, "tau_final": 0.5},
+    # Planted dictionaries (esosae.sources.PRESETS): one feature per atom.
+    "easy": {"m": 256, "target_l0": 4.0, "l1_coeff": 0.05, "l1_coeff_relu": 0.05, "tau_final": 1.0},
+    "hard": {"m": 512, "target_l0": 8.0, "l1_coeff": 0.05, "l1_coeff_relu": 0.05, "tau_final": 1.0},
+}
+"""Defaults of the fields left as None, by source ('lm') or synthetic preset."""
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "data": DataConfig, "sae": SAEConfig, "schedule": ScheduleConfig,

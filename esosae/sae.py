@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -36,6 +37,9 @@ class DualLayerSAE(nn.Module):
         super().__init__()
         if d <= 0:
             raise ConfigError(f"input width d must be > 0 (got {d})")
+        unresolved = [n for n in ("m1", "m2", "k", "target_l0", "l1_coeff") if getattr(cfg, n) is None]
+        if unresolved:
+            raise ConfigError(f"SAEConfig fields {', '.join(unresolved)} are unset; build it through TrainConfig")
         self.cfg, self.d, self.scale = cfg, d, scale
         m1, m2 = cfg.m1, cfg.m2
         self.W_enc1 = nn.Parameter(torch.empty(d, m1))
@@ -131,12 +135,12 @@ class DualLayerSAE(nn.Module):
         try:
             meta = json.loads((path / CONFIG_FILE).read_text())
             state = load_file(str(path / WEIGHTS_FILE))
+            model = cls(SAEConfig(**meta["sae"]), meta["d"], scale=1.0)
         except FileNotFoundError as e:
             raise SAELoadError(f"no saved SAE at {path} ({Path(e.filename).name} missing); "
                                "train one first or point at a run's sae/ folder") from None
-        except (OSError, ValueError, json.JSONDecodeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
             raise SAELoadError(f"saved SAE at {path} is unreadable or corrupt ({e}); retrain or restore it") from None
-        model = cls(SAEConfig(**meta["sae"]), meta["d"], scale=1.0)
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
