@@ -112,8 +112,8 @@ def given_config_flags(ns: argparse.Namespace) -> list[str]:
     return [f.name for _, f, _ in _config_fields() if hasattr(ns, f.name)]
 
 
-def prepare(argv: list[str]) -> tuple[TrainConfig, Path, bool]:
-    """Parse and validate everything; returns (config, run_dir, resume). Writes nothing."""
+def prepare(argv: list[str]) -> tuple[TrainConfig, Path, bool, bool]:
+    """Parse and validate everything; returns (config, run_dir, resume, overwrite). Writes nothing."""
     ns = build_parser().parse_args(argv)
     if getattr(ns, "resume", None):
         run_dir = Path(ns.resume)
@@ -127,33 +127,51 @@ def prepare(argv: list[str]) -> tuple[TrainConfig, Path, bool]:
         for name in ("eval", "profile"):
             if hasattr(ns, name):
                 setattr(cfg, name, getattr(ns, name))
-        return cfg, run_dir, True
+        return cfg, run_dir, True, False
     cfg = config_from_args(ns)
-    run_dir = Path(cfg.out_dir)
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        if not getattr(ns, "overwrite", False):
-            raise ConfigError(f"--out-dir {run_dir} is not empty; pass --resume {run_dir} to continue "
-                              "it or --overwrite to replace it")
-        if run_dir.is_dir():
-            shutil.rmtree(run_dir)
-        else:
-            run_dir.unlink()
-    return cfg, run_dir, False
+    return cfg, Path(cfg.out_dir), False, getattr(ns, "overwrite", False)
+
+
+def claim_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """A new run needs an empty (or absent) directory; ``--overwrite`` clears a used one."""
+    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+        return
+    if not overwrite:
+        raise ConfigError(f"--out-dir {run_dir} is not empty; pass --resume {run_dir} to continue "
+                          "it or --overwrite to replace it")
+    if run_dir.is_dir():
+        shutil.rmtree(run_dir)
+    else:
+        run_dir.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train from command-line flags; under torchrun every rank calls this, rank 0 reports."""
+    from esosae import distributed
     from esosae.train import Interrupted, run
 
     argv = sys.argv[1:] if argv is None else argv
+    dist = None
     try:
-        cfg, run_dir, resume = prepare(argv)
-        headline = run(cfg, run_dir, resume=resume)
+        cfg, run_dir, resume, overwrite = prepare(argv)
+        dist = distributed.from_environment(cfg.device)
+        if (dist is None or dist.is_main) and not resume:
+            claim_run_dir(run_dir, overwrite)
+        if dist is not None:
+            dist.barrier()  # no rank starts before rank 0 has checked and cleared the run directory
+        headline = run(cfg, run_dir, resume=resume, dist=dist)
     except UserError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        if distributed.launch_rank() == 0:  # every rank sees the same bad input: say it once
+            print(f"train.py: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except Interrupted as e:
-        print(f"train.py: {e}", file=sys.stderr)
+        if distributed.launch_rank() == 0:
+            print(f"train.py: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    finally:
+        distributed.shutdown()
+    if dist is not None and not dist.is_main:
+        return 0
     print(f"run directory: {run_dir}")
     print("  " + "  ".join(f"{k}={headline[k]:.4g}" for k in
                            ("fvu", "l0_1", "l0_2", "dead_pct", "atom_recovery") if k in headline))

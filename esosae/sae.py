@@ -49,6 +49,9 @@ class DualLayerSAE(nn.Module):
         self.W_enc2 = nn.Parameter(torch.empty(d, m2))
         self.b_enc2 = nn.Parameter(torch.zeros(m2))
         self.W_dec2 = nn.Parameter(torch.empty(m2, d))
+        if m2 == 0:  # single layer: the empty layer-2 tensors take no part in training
+            for p in (self.W_enc2, self.b_enc2, self.W_dec2):
+                p.requires_grad_(False)
         # Adaptive state (METHOD.md §5) and bookkeeping; buffers travel with checkpoints.
         for i, m in ((1, m1), (2, m2)):
             self.register_buffer(f"theta{i}", torch.zeros(m))  # current θ = τ·clamp(μ)

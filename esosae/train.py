@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from esosae import schedules
 from esosae.backend import Backend, get_backend, resolve_device
 from esosae.config import TrainConfig
+from esosae.distributed import Dist
 from esosae.errors import UserError
 from esosae.evals.core import reconstruction_metrics
 from esosae.margins import effective_margins, pinned_fractions, update_freq, update_margins
@@ -151,8 +152,13 @@ def set_thresholds(model: DualLayerSAE, cfg: TrainConfig, step: int) -> tuple[fl
 
 
 def train_step(model: DualLayerSAE, opt: torch.optim.Optimizer, ops: Backend, x: torch.Tensor,
-               cfg: TrainConfig, step: int, dist: Any = None) -> dict[str, Any]:
-    """One optimizer step on the normalized batch x (B, d); returns the step's tensors."""
+               cfg: TrainConfig, step: int, dist: Dist | None = None,
+               net: torch.nn.Module | None = None) -> dict[str, Any]:
+    """One optimizer step on the normalized batch x (B, d); returns the step's tensors.
+
+    ``net`` is the module to run forward (the DDP wrapper of ``model`` under torchrun,
+    whose backward averages gradients over ranks); ``model`` itself by default.
+    """
     sae_cfg = cfg.sae
     tau1, tau2 = set_thresholds(model, cfg, step)
     lam1 = schedules.l1_weight(step, cfg.steps, cfg.schedule, sae_cfg.l1_coeff)
@@ -161,7 +167,7 @@ def train_step(model: DualLayerSAE, opt: torch.optim.Optimizer, ops: Backend, x:
     for group in opt.param_groups:
         group["lr"] = schedules.lr(step, cfg)
 
-    out = model(x, ops)
+    out = (net or model)(x, ops)
     mse = out["sq_err"].mean()
     l1 = lam1 * out["l1_1"].mean() if sae_cfg.arch != "topk" else torch.zeros((), device=x.device)
     if model.layers == 2:
@@ -174,9 +180,7 @@ def train_step(model: DualLayerSAE, opt: torch.optim.Optimizer, ops: Backend, x:
     loss = mse + l1 + gamma * orth
 
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if dist is not None:
-        dist.average_gradients(model)
+    loss.backward()  # under DDP this also all-reduces (averages) the gradients
     model.remove_parallel_grads()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -189,12 +193,12 @@ def train_step(model: DualLayerSAE, opt: torch.optim.Optimizer, ops: Backend, x:
 
 @torch.no_grad()
 def update_feature_stats(model: DualLayerSAE, out: dict[str, torch.Tensor], cfg: TrainConfig,
-                         step: int, batch: int, dist: Any = None) -> None:
+                         step: int, batch: int, dist: Dist | None = None) -> None:
     """Firing EMA, tokens since each feature last fired, and (every margin_every) μ."""
     for i in range(1, model.layers + 1):
         fire = out[f"fire{i}"]  # (m,) int32, this rank's tokens
         n = batch
-        if dist is not None:
+        if dist is not None:  # every rank applies the same update from the global counts
             fire, n = dist.sum_fire_counts(fire), batch * dist.world
         freq = getattr(model, f"freq{i}")
         freq.copy_(update_freq(freq, fire, n, cfg.sae.freq_ema))
@@ -270,14 +274,22 @@ def build(cfg: TrainConfig, source: ActivationSource, device: torch.device) -> t
     return model, opt
 
 
-def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, dist: Any = None,
+def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, dist: Dist | None = None,
         progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) one run in ``run_dir``; returns the headline metrics."""
+    """Train (or resume) one run in ``run_dir``; returns the headline metrics (rank 0) or {}.
+
+    Under torchrun (``dist`` given) rank 0 alone builds caches and writes files; every
+    rank reads its own shard of each global batch.
+    """
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device) if dist is None else dist.device
     ops = get_backend(cfg.backend, device)
-    is_main = dist is None or dist.rank == 0
+    is_main = dist is None or dist.is_main
+    if not is_main:
+        dist.barrier()  # wait until rank 0 has built (or found) the activation cache
     source = make_source(cfg, device)
+    if dist is not None and is_main:
+        dist.barrier()
     model, opt = build(cfg, source, device)
     start = 0
     if resume:
@@ -293,6 +305,7 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, dist: Any = None,
             cfg.to_json(run_dir / CONFIG_FILE)
         truncate_metrics(run_dir / METRICS_FILE, start)
     shard = (dist.rank, dist.world) if dist is not None else (0, 1)
+    net = dist.wrap(model) if dist is not None else model
 
     state = StepState(step=start)
     t_start = time.perf_counter()
@@ -303,7 +316,7 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, dist: Any = None,
         with SigintGuard() as guard:
             for step in range(start, cfg.steps):
                 x = source.batch(step, cfg.batch_size, shard).to(device, non_blocking=True) * model.scale
-                res = train_step(model, opt, ops, x, cfg, step, dist)
+                res = train_step(model, opt, ops, x, cfg, step, dist, net)
                 state.step, state.log_tokens = step + 1, state.log_tokens + cfg.batch_size
                 bar.update(1)
                 if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
@@ -319,9 +332,13 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, dist: Any = None,
                     l0 = rec["l0_1"] + rec.get("l0_2", 0.0)
                     bar.set_postfix(tok_s=f"{tps:,.0f}", fvu=f"{rec['fvu']:.3f}", l0=f"{l0:.1f}")
                 done = step + 1 == cfg.steps
-                if is_main and (done or (step + 1) % cfg.checkpoint_every == 0 or guard.requested):
-                    save_checkpoint(run_dir, step + 1, model, opt, cfg, cfg.keep_checkpoints)
-                if guard.requested and not done:
+                stop = guard.requested if dist is None else dist.any(guard.requested)  # all ranks stop together
+                if done or (step + 1) % cfg.checkpoint_every == 0 or stop:
+                    if dist is not None:
+                        dist.check_in_sync(model)
+                    if is_main:
+                        save_checkpoint(run_dir, step + 1, model, opt, cfg, cfg.keep_checkpoints)
+                if stop and not done:
                     raise Interrupted(f"interrupted at step {step + 1}/{cfg.steps}; checkpoint saved. "
                                       f"Continue with: python train.py --resume {run_dir}")
     finally:
