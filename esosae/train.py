@@ -30,6 +30,7 @@ from esosae.distributed import Dist
 from esosae.errors import UserError
 from esosae.evals.core import reconstruction_metrics
 from esosae.margins import effective_margins, pinned_fractions, update_freq, update_margins
+from esosae.profiling import NO_RANGES, Ranges, StepTimer, dense_flops_per_token, gemm_peak_tflops, torch_trace
 from esosae.reference import sample_tiles
 from esosae.runio import atomic_torch_save, atomic_write_text
 from esosae.sae import DualLayerSAE
@@ -153,11 +154,13 @@ def set_thresholds(model: DualLayerSAE, cfg: TrainConfig, step: int) -> tuple[fl
 
 def train_step(model: DualLayerSAE, opt: torch.optim.Optimizer, ops: Backend, x: torch.Tensor,
                cfg: TrainConfig, step: int, dist: Dist | None = None,
-               net: torch.nn.Module | None = None) -> dict[str, Any]:
+               net: torch.nn.Module | None = None, timer: StepTimer | None = None,
+               ranges: Ranges = NO_RANGES) -> dict[str, Any]:
     """One optimizer step on the normalized batch x (B, d); returns the step's tensors.
 
     ``net`` is the module to run forward (the DDP wrapper of ``model`` under torchrun,
-    whose backward averages gradients over ranks); ``model`` itself by default.
+    whose backward averages gradients over ranks); ``model`` itself by default. ``timer``
+    splits the step into forward / backward / optimizer phases when it is measuring.
     """
     sae_cfg = cfg.sae
     tau1, tau2 = set_thresholds(model, cfg, step)
@@ -167,7 +170,8 @@ def train_step(model: DualLayerSAE, opt: torch.optim.Optimizer, ops: Backend, x:
     for group in opt.param_groups:
         group["lr"] = schedules.lr(step, cfg)
 
-    out = (net or model)(x, ops)
+    with ranges("sae_forward"):
+        out = (net or model)(x, ops)
     mse = out["sq_err"].mean()
     l1 = lam1 * out["l1_1"].mean() if sae_cfg.arch != "topk" else torch.zeros((), device=x.device)
     if model.layers == 2:
@@ -178,15 +182,23 @@ def train_step(model: DualLayerSAE, opt: torch.optim.Optimizer, ops: Backend, x:
         tiles = tiles.to(x.device) if tiles is not None else None
         orth = ops.orth_penalty(model.W_dec1, model.W_dec2, sae_cfg.orth_margin, tiles)
     loss = mse + l1 + gamma * orth
+    if timer is not None:
+        timer.mark("forward")
 
     opt.zero_grad(set_to_none=True)
-    loss.backward()  # under DDP this also all-reduces (averages) the gradients
-    model.remove_parallel_grads()
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    opt.step()
-    model.normalize_decoder()
-    update_feature_stats(model, out, cfg, step, x.shape[0], dist)
+    with ranges("backward"):
+        loss.backward()  # under DDP this also all-reduces (averages) the gradients
+    if timer is not None:
+        timer.mark("backward")
+    with ranges("optimizer"):
+        model.remove_parallel_grads()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        model.normalize_decoder()
+        update_feature_stats(model, out, cfg, step, x.shape[0], dist)
+    if timer is not None:
+        timer.mark("optimizer")
     return {"out": out, "loss": loss, "mse": mse, "l1": l1, "orth": orth,
             "tau1": tau1, "tau2": tau2, "gamma": gamma, "lambda1": lam1, "lambda2": lam2}
 
@@ -283,11 +295,13 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, dist: Dist | None
     """
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device) if dist is None else dist.device
-    ops = get_backend(cfg.backend, device)
+    ranges = Ranges(cfg.profile == "nvtx")
+    ops = ranges.wrap_backend(get_backend(cfg.backend, device))
     is_main = dist is None or dist.is_main
     if not is_main:
         dist.barrier()  # wait until rank 0 has built (or found) the activation cache
-    source = make_source(cfg, device)
+    with ranges("harvest"):
+        source = make_source(cfg, device)
     if dist is not None and is_main:
         dist.barrier()
     model, opt = build(cfg, source, device)
@@ -308,23 +322,35 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, dist: Dist | None
     net = dist.wrap(model) if dist is not None else model
 
     state = StepState(step=start)
+    timer = StepTimer(device)
+    flops_per_token = dense_flops_per_token(cfg, source.d)
+    peak_tflops = gemm_peak_tflops(device) if device.type == "cuda" else None
     t_start = time.perf_counter()
     bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and is_main), unit="step",
                dynamic_ncols=True, desc="train", mininterval=2.0)
     metrics_fh = open(run_dir / METRICS_FILE, "a") if is_main else None
     try:
-        with SigintGuard() as guard:
+        with SigintGuard() as guard, torch_trace(run_dir, cfg.profile == "torch" and is_main) as trace_step:
             for step in range(start, cfg.steps):
-                x = source.batch(step, cfg.batch_size, shard).to(device, non_blocking=True) * model.scale
-                res = train_step(model, opt, ops, x, cfg, step, dist, net)
+                logging = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
+                timer.start(measuring=logging)
+                with ranges("data"):
+                    x = source.batch(step, cfg.batch_size, shard).to(device, non_blocking=True) * model.scale
+                timer.mark("data")
+                res = train_step(model, opt, ops, x, cfg, step, dist, net, timer, ranges)
+                trace_step()
                 state.step, state.log_tokens = step + 1, state.log_tokens + cfg.batch_size
                 bar.update(1)
-                if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                if logging:
                     if device.type == "cuda":
                         torch.cuda.synchronize()  # sync point: timing and logging only
                     now = time.perf_counter()
                     tps = state.log_tokens / max(now - state.log_t0, 1e-9)
                     rec = log_record(model, cfg, step, res, x, tps, (step + 1) * cfg.batch_size)
+                    rec.update({f"time_{k}_ms": 1e3 * v for k, v in timer.phases.items()})
+                    rec["gflop_per_s"] = flops_per_token * tps / 1e9
+                    if peak_tflops is not None:
+                        rec["mfu"] = rec["gflop_per_s"] / (1e3 * peak_tflops)
                     state.log_t0, state.log_tokens = now, 0
                     if metrics_fh is not None:
                         metrics_fh.write(json.dumps(rec) + "\n")
