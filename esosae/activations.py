@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from esosae import data
 from esosae.config import TrainConfig
 from esosae.errors import UserError
-from esosae.models import cache_root, check_hook, file_sha256, hook_activations, load_model, note
+from esosae.models import LoadedModel, cache_root, check_hook, file_sha256, hook_activations, load_model, note
 from esosae.runio import atomic_dir
 from esosae.sources import ArraySource
 
@@ -198,11 +198,10 @@ def _remove_stale_temps(folder: Path) -> None:
             pass  # no pid yet, or another user's process: leave it
 
 
-def harvest(cfg: TrainConfig, sources: list[data.TextSource], folder: Path, device: torch.device,
+def harvest(cfg: TrainConfig, sources: list[data.TextSource], folder: Path, model: LoadedModel,
             progress: bool = True) -> None:
-    """Run the model over the text mixture and write a complete cache to ``folder``."""
+    """Run ``model`` over the text mixture and write a complete cache to ``folder``."""
     d_cfg, hook = cfg.data, cfg.model.hook
-    model = load_model(cfg.model, device)
     check_hook(model, hook)
     stream = data.contexts(sources, model.tokenizer, model.bos_id, d_cfg.context_size, d_cfg.data_seed)
     np_dtype, torch_dtype = STORAGE[d_cfg.cache_dtype]
@@ -266,7 +265,7 @@ def ensure_cache(cfg: TrainConfig, device: torch.device | str = "cpu", progress:
     else:
         if folder.exists():
             note(f"activation cache {folder}: {problem}; rebuilding it")
-        harvest(cfg, sources, folder, torch.device(device), progress)
+        harvest(cfg, sources, folder, load_model(cfg.model, device), progress)
     return open_cache(folder)
 
 
