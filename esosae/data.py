@@ -70,7 +70,8 @@ class TextSource:
     hub: str | None = None
     hub_config: str | None = None
     lines: bool = False
-    """Rows are lines of one running text (joined as is) rather than documents (joined by BOS)."""
+    """The hub rows are lines of one running text (joined as is), not documents (joined by
+    BOS); for local files the suffix decides: ``.txt`` rows are lines."""
 
     def describe(self) -> dict[str, Any]:
         """What the text is, for the activation cache's metadata: a changed file changes this."""
@@ -117,15 +118,14 @@ def resolve(name: str, weight: float) -> TextSource:
     if alias is not None:
         root = data_dir()
         if root is not None and all((root / f).is_file() for f in alias.local):
-            return TextSource(name, weight, files=tuple((root / f).resolve() for f in alias.local),
-                              lines=alias.lines)
+            return TextSource(name, weight, files=tuple((root / f).resolve() for f in alias.local))
         where = f"{root}" if root is not None else "no data dir (set ESOSAE_DATA_DIR)"
         _hub_check(name, f"has no local copy ({where} lacks {', '.join(alias.local)})")
         return TextSource(name, weight, hub=alias.hub, hub_config=alias.hub_config, lines=alias.lines)
     path = Path(name).expanduser()
     if path.exists():
         files = tuple(f.resolve() for f in _local_files(path, name))
-        return TextSource(name, weight, files=files, lines=all(f.suffix == ".txt" for f in files))
+        return TextSource(name, weight, files=files)
     if path.suffix in FORMATS or name.startswith((".", "/", "~")):
         raise DataError(f"dataset file {name!r} does not exist")
     _hub_check(name, "is not a local file or folder")
@@ -151,24 +151,24 @@ def parse_sources(spec: str) -> list[TextSource]:
     return sources
 
 
-def texts(source: TextSource) -> Any:
-    """The source's rows as a streaming ``datasets.IterableDataset`` with one column, ``text``."""
-    from datasets import concatenate_datasets, load_dataset
+def texts(source: TextSource) -> list[tuple[Any, bool]]:
+    """The source's files (or hub dataset) as streaming datasets with one column, ``text``,
+    each with whether its rows are lines of one running text."""
+    from datasets import load_dataset
 
     try:
         if source.hub is not None:
-            parts = [load_dataset(source.hub, source.hub_config, split="train", streaming=True)]
+            parts = [(load_dataset(source.hub, source.hub_config, split="train", streaming=True), source.lines)]
         else:
-            parts = [load_dataset(FORMATS[f.suffix], data_files=[str(f)], split="train", streaming=True,
-                                  **({"keep_linebreaks": True} if f.suffix == ".txt" else {}))
+            parts = [(load_dataset(FORMATS[f.suffix], data_files=[str(f)], split="train", streaming=True,
+                                   **({"keep_linebreaks": True} if f.suffix == ".txt" else {})), f.suffix == ".txt")
                      for f in source.files]
     except Exception as e:  # datasets raises many types for an unreadable or unknown dataset
         raise DataError(f"dataset {source.name!r} cannot be read: {str(e).splitlines()[0]}") from None
-    for part in parts:
+    for part, _ in parts:
         if part.column_names is not None and "text" not in part.column_names:
             raise DataError(f"dataset {source.name!r} has no 'text' field (fields: {', '.join(part.column_names)})")
-    parts = [p.select_columns(["text"]) for p in parts]
-    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+    return [(part.select_columns(["text"]), lines) for part, lines in parts]
 
 
 def _pack(batch: dict[str, list[str]], tokenizer: Any, bos_id: int, context_size: int,
@@ -185,9 +185,13 @@ def _pack(batch: dict[str, list[str]], tokenizer: Any, bos_id: int, context_size
 
 def source_contexts(source: TextSource, tokenizer: Any, bos_id: int, context_size: int) -> Any:
     """One source as a streaming dataset of contexts (column ``input_ids``, context_size + 1 ids)."""
-    return texts(source).map(_pack, batched=True, batch_size=MAP_ROWS, remove_columns=["text"],
-                             fn_kwargs={"tokenizer": tokenizer, "bos_id": bos_id,
-                                        "context_size": context_size, "lines": source.lines})
+    from datasets import concatenate_datasets
+
+    parts = [part.map(_pack, batched=True, batch_size=MAP_ROWS, remove_columns=["text"],
+                      fn_kwargs={"tokenizer": tokenizer, "bos_id": bos_id, "context_size": context_size,
+                                 "lines": lines})
+             for part, lines in texts(source)]
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
 def contexts(sources: list[TextSource], tokenizer: Any, bos_id: int, context_size: int, seed: int) -> Any:

@@ -29,8 +29,8 @@ def all_contexts(sources, tok, context_size=16, seed=0):
 def test_parse_weights_and_paths(tmp_path):
     a, b = write_txt(tmp_path / "a.txt", 5), write_jsonl(tmp_path / "b.jsonl", 3)
     sources = data.parse_sources(f"{a}:3, {b}")
-    assert [(s.name, s.weight, s.lines) for s in sources] == [(str(a), 3.0, True), (str(b), 1.0, False)]
-    assert sources[0].files == (a.resolve(),)
+    assert [(s.name, s.weight, s.files) for s in sources] == [(str(a), 3.0, (a.resolve(),)),
+                                                              (str(b), 1.0, (b.resolve(),))]
 
 
 @pytest.mark.parametrize("spec, msg", [("x.txt:0", "weight must be > 0"), ("a.txt,,b.txt", "empty entry")])
@@ -61,7 +61,7 @@ def test_aliases_resolve_to_the_data_dir(tmp_path, monkeypatch):
         (tmp_path / rel).write_text("w1 w2\n")
     monkeypatch.setenv("ESOSAE_DATA_DIR", str(tmp_path))
     wiki, pile = data.parse_sources("wikitext:1,pile:2")
-    assert wiki.lines and not pile.lines and pile.weight == 2.0
+    assert pile.weight == 2.0 and [f.suffix for f in pile.files] == [".jsonl", ".jsonl"]
     assert [f.name for f in wiki.files] == ["wikitext103_tokens_valid.txt", "wikitext103_tokens_test.txt"]
 
 
@@ -77,7 +77,7 @@ def test_folder_collects_supported_files_sorted(tmp_path):
     write_jsonl(tmp_path / "sub" / "a.jsonl", 2)
     (tmp_path / "notes.md").write_text("ignored")
     (src,) = data.parse_sources(str(tmp_path))
-    assert [f.name for f in src.files] == ["b.txt", "a.jsonl"] and not src.lines
+    assert [f.name for f in src.files] == ["b.txt", "a.jsonl"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(data.DataError, match="holds no"):
         data.parse_sources(str(tmp_path / "empty"))
@@ -92,10 +92,14 @@ def test_contexts_start_with_bos_and_keep_lines_whole(tmp_path, tok):
     assert n_words - 16 < ctx.numel() - len(ctx) <= n_words  # one map batch: only its tail is dropped
 
 
-def test_documents_are_separated_by_bos(tmp_path, tok):
-    docs = write_jsonl(tmp_path / "d.jsonl", 40)
-    ctx = all_contexts(data.parse_sources(str(docs)), tok)
+def test_documents_are_separated_by_bos_and_lines_are_not(tmp_path, tok):
+    write_jsonl(tmp_path / "d.jsonl", 40)
+    ctx = all_contexts(data.parse_sources(str(tmp_path / "d.jsonl")), tok)
     assert (ctx[:, 1:] == BOS).any()
+    write_txt(tmp_path / "e.txt", 200, words=WORDS[:10])  # a folder mixing both kinds
+    ctx = all_contexts(data.parse_sources(str(tmp_path)), tok)
+    from_txt = (ctx[:, 1:] < 4 + 10).all(1)  # contexts made only of the .txt file's words
+    assert from_txt.any() and not (ctx[from_txt, 1:] == BOS).any()
 
 
 def test_parquet_and_missing_text_field(tmp_path, tok):
