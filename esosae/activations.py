@@ -15,19 +15,23 @@ The scale s = sqrt(d / mean‖x‖²) over every training row (METHOD.md §1) is
 meta.json, so that E‖s·x‖² = d on the cached data.
 
 A cache is written into a temporary sibling and renamed into place when complete, so an
-interrupted harvest never leaves a folder that looks finished. Reuse needs the same
+interrupted harvest never leaves a folder that looks finished; a lock on the parent folder
+lets one process harvest while others wait for its result. Reuse needs the same
 settings (model, hook, dataset files, context size, token counts, dtype, seed) and every
 checksum to match; otherwise the cache is rebuilt, with a message saying why.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -255,17 +259,32 @@ def harvest(cfg: TrainConfig, sources: list[data.TextSource], folder: Path, mode
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
 
 
+@contextlib.contextmanager
+def _build_lock(root: Path) -> Iterator[None]:
+    """One harvest at a time under ``root``: another process (a data-parallel rank, a second
+    run) waits here, then finds the cache built instead of harvesting it again."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def ensure_cache(cfg: TrainConfig, device: torch.device | str = "cpu", progress: bool = True) -> ActivationCache:
     """The cache for ``cfg``: reused when it matches, otherwise (re)built."""
     sources = data.parse_sources(cfg.data.dataset)
-    folder = cache_folder(cfg)
-    problem = cache_problem(folder, wanted_settings(cfg, sources))
-    if problem is None:
-        note(f"using cached activations in {folder}")
-    else:
-        if folder.exists():
-            note(f"activation cache {folder}: {problem}; rebuilding it")
-        harvest(cfg, sources, folder, load_model(cfg.model, device), progress)
+    folder, wanted = cache_folder(cfg), wanted_settings(cfg, sources)
+    if cache_problem(folder, wanted) is not None:
+        with _build_lock(folder.parent):
+            problem = cache_problem(folder, wanted)  # another process may have built it meanwhile
+            if problem is not None:
+                if folder.exists():
+                    note(f"activation cache {folder}: {problem}; rebuilding it")
+                harvest(cfg, sources, folder, load_model(cfg.model, device), progress)
+                return open_cache(folder)
+    note(f"using cached activations in {folder}")
     return open_cache(folder)
 
 

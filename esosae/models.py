@@ -193,6 +193,9 @@ def _hub_model(name: str) -> tuple[Any, Any]:
         hf = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, local_files_only=offline is not None)
         return hf, AutoTokenizer.from_pretrained(name, local_files_only=offline is not None)
     except (OSError, ValueError) as e:
+        if Path(name).is_dir():
+            raise ModelError(f"folder {name!r} does not hold a transformers causal LM and its tokenizer: "
+                             f"{str(e).splitlines()[0]}") from None
         close = difflib.get_close_matches(name, LOCAL_MODELS, n=3, cutoff=0.5)
         hint = f"did you mean {', '.join(close)}? " if close else ""
         if offline is not None:

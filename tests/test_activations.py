@@ -3,6 +3,7 @@
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -84,6 +85,15 @@ def test_same_settings_reuse_the_cache(tmp_path, tiny, monkeypatch, capsys):
     again = snapshot(build(cfg))
     assert "using cached activations" in capsys.readouterr().err
     assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_concurrent_builds_harvest_once(tmp_path, tiny, monkeypatch):
+    cfg = tiny_cfg(tmp_path)
+    real, calls = activations.harvest, []
+    monkeypatch.setattr(activations, "harvest", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(lambda _: snapshot(build(cfg)), range(2))
+    assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 def test_mismatch_rebuilds_with_a_message(tmp_path, tiny, capsys):
