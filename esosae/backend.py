@@ -1,9 +1,11 @@
-"""Picks the implementation of the SAE's hot ops: Triton kernels or the PyTorch reference.
+"""Picks the implementation of the SAE's hot ops: Triton kernels or plain PyTorch.
 
 ``auto`` is ``triton`` when CUDA is present and ``torch`` otherwise. ``triton`` on a machine
 without CUDA is allowed only under ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used
 by the tests). Both backends expose the same three functions with the same signatures, so
-the model and the trainer run one code path whichever is chosen.
+the model and the trainer run one code path whichever is chosen. ``torch`` is
+``esosae.torch_ops``: the reference's math (``esosae.reference``, the oracle) with the
+work cut to what a sparse SAE needs on the CPU.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from esosae import reference
+from esosae import torch_ops
 from esosae.errors import UserError
 
 
@@ -30,7 +32,7 @@ class Backend:
     orth_penalty: Callable  # (W_dec1, W_dec2, margin, tiles) -> scalar
 
 
-TORCH = Backend("torch", reference.encode, reference.decode, reference.orth_penalty)
+TORCH = Backend("torch", torch_ops.encode, torch_ops.decode, torch_ops.orth_penalty)
 
 
 def interpreting() -> bool:
