@@ -36,6 +36,7 @@ reference. Host syncs (counting active pairs) are free on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -52,7 +53,32 @@ ORTH_SPARSE_MAX_DENSITY = 0.05
 ORTH_ROWS = 256
 """Rows of W_dec1 per block of the exact orthogonality penalty: a (256, m2) block at a time."""
 
+SERIAL = True
+"""Run everything but the GEMMs on one intra-op thread (see ``serial``)."""
+
 _DTYPES = (torch.float32, torch.float64)
+
+
+@contextlib.contextmanager
+def serial():
+    """One intra-op thread inside (when ``SERIAL``), the caller's count restored after.
+
+    The non-GEMM work here is index bookkeeping on ~nnz elements (just above PyTorch's
+    parallel grain of 32,768), gathers, and memory-bound passes. Split over OpenMP threads
+    each op ends in a barrier; on a shared machine, where a thread is often descheduled,
+    those barriers cost up to a scheduler time slice per op (measured on the 2-core
+    machine under load: a 35,828-element argsort 0.7 ms on one thread, 370 ms on two).
+    GEMMs keep all threads: they have the work to amortize a barrier.
+    """
+    n = torch.get_num_threads()
+    if not SERIAL or n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _fast(*ts: torch.Tensor) -> bool:
@@ -153,20 +179,24 @@ class _Encode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, theta, box):
-        xc = x - b_dec  # (B, d)
-        a = (xc @ W_enc).add_(b_enc)  # (B, m): the reference's rounding (addmm would round differently)
-        mask = a > theta  # (B, m)
-        f = a.mul_(mask)  # in place: f = a·1[a > θ]
-        fire = mask.sum(0, dtype=torch.int32)  # (m,)
-        row_l1 = f.sum(-1, dtype=_acc_dtype(f))  # (B,)
-        B, m = f.shape
-        nnz = int(fire.sum())  # host sync: picks the path (free on the CPU)
-        if nnz <= SPARSE_MAX_DENSITY * B * m:
-            act = Active.of_mask(mask, f)
-            ctx.save_for_backward(xc, W_enc)
-        else:
-            act = None
-            ctx.save_for_backward(xc, W_enc, mask)
+        with serial():
+            xc = x - b_dec  # (B, d)
+        a = xc @ W_enc  # (B, m)
+        with serial():
+            a.add_(b_enc)  # the reference's rounding (addmm would round differently)
+            mask = a > theta  # (B, m)
+            f = a.mul_(mask)  # in place: f = a·1[a > θ]
+            row_l1 = f.sum(-1, dtype=_acc_dtype(f))  # (B,)
+            B, m = f.shape
+            nnz = int(torch.count_nonzero(mask))  # host sync: picks the path (free on the CPU)
+            if nnz <= SPARSE_MAX_DENSITY * B * m:
+                act = Active.of_mask(mask, f)
+                fire = torch.bincount(act.cols, minlength=m).to(torch.int32)  # (m,)
+                ctx.save_for_backward(xc, W_enc)
+            else:
+                act = None
+                fire = mask.sum(0, dtype=torch.int32)  # (m,)
+                ctx.save_for_backward(xc, W_enc, mask)
         ctx.act = box[0] = act
         ctx.mark_non_differentiable(fire)
         return f, row_l1, fire
@@ -179,29 +209,32 @@ class _Encode(torch.autograd.Function):
         act = ctx.act
         grad_x = grad_W = grad_b = grad_bd = None
         if act is not None:  # grad_a on the active pairs only
-            ga = act.values_of(grad_f)  # (nnz,)
-            if grad_l1 is not None:
-                ga = ga + grad_l1[act.rows].to(ga.dtype)
-            if need_W:
-                grad_W = act.col_gather(xc, ga).T  # (d, m)
-            if need_b or need_bd:
-                grad_b = torch.zeros(act.shape[1], dtype=ga.dtype).index_add_(0, act.cols, ga)  # (m,)
-            if need_x:
-                grad_x = act.row_gather(W_enc.T.contiguous(), ga)  # (B, d)
+            with serial():
+                ga = act.values_of(grad_f)  # (nnz,)
+                if grad_l1 is not None:
+                    ga = ga + grad_l1[act.rows].to(ga.dtype)
+                if need_W:
+                    grad_W = act.col_gather(xc, ga).T  # (d, m)
+                if need_b or need_bd:
+                    grad_b = torch.zeros(act.shape[1], dtype=ga.dtype).index_add_(0, act.cols, ga)  # (m,)
+                if need_x:
+                    grad_x = act.row_gather(W_enc.T.contiguous(), ga)  # (B, d)
         else:
             mask = ctx.saved_tensors[2]
-            ga = torch.zeros_like(mask, dtype=xc.dtype) if grad_f is None else grad_f.clone()
-            if grad_l1 is not None:
-                ga += grad_l1.to(ga.dtype)[:, None]
-            ga.mul_(mask)  # (B, m)
+            with serial():
+                ga = torch.zeros_like(mask, dtype=xc.dtype) if grad_f is None else grad_f.clone()
+                if grad_l1 is not None:
+                    ga += grad_l1.to(ga.dtype)[:, None]
+                ga.mul_(mask)  # (B, m)
+                if need_b or need_bd:
+                    grad_b = ga.sum(0)
             if need_W:
                 grad_W = xc.T @ ga  # (d, m)
-            if need_b or need_bd:
-                grad_b = ga.sum(0)
             if need_x:
                 grad_x = ga @ W_enc.T  # (B, d)
         if need_bd:
-            grad_bd = -grad_x.sum(0) if grad_x is not None else -(W_enc @ grad_b)  # (d,)
+            with serial():
+                grad_bd = -grad_x.sum(0) if grad_x is not None else -(W_enc @ grad_b)  # (d,)
         return grad_x, grad_W, grad_b if need_b else None, grad_bd, None, None
 
 
@@ -240,11 +273,15 @@ class _Decode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, f, W_dec, bias, target, act, partial):
         if act is not None:
-            x_hat = act.row_gather(W_dec, act.vals).add_(bias)  # (B, d)
+            with serial():
+                x_hat = act.row_gather(W_dec, act.vals).add_(bias)  # (B, d)
         else:
-            x_hat = (f @ W_dec).add_(bias)  # (B, d), rounded as the reference rounds it
-        diff = target - x_hat  # (B, d)
-        sq_err = diff.to(_acc_dtype(diff)).square().sum(-1)  # (B,)
+            x_hat = f @ W_dec  # (B, d)
+        with serial():
+            if act is None:
+                x_hat.add_(bias)  # rounded as the reference rounds it
+            diff = target - x_hat  # (B, d)
+            sq_err = diff.to(_acc_dtype(diff)).square().sum(-1)  # (B,)
         ctx.act, ctx.partial = act, partial
         ctx.save_for_backward(W_dec, diff, f if act is None else None)
         return x_hat, sq_err
@@ -255,22 +292,26 @@ class _Decode(torch.autograd.Function):
         need_f, need_W, need_bias, need_t = ctx.needs_input_grad[:4]
         W_dec, diff, f = ctx.saved_tensors
         act = ctx.act
-        G = torch.zeros_like(diff) if grad_xh is None else grad_xh  # (B, d) grad of x̂, all paths
-        grad_t = None
-        if grad_sq is not None:
-            two_g_diff = diff * (2 * grad_sq.to(diff.dtype))[:, None]  # ∂L/∂target
-            G = G - two_g_diff
-            grad_t = two_g_diff if need_t else None
+        with serial():
+            G = torch.zeros_like(diff) if grad_xh is None else grad_xh  # (B, d) grad of x̂, all paths
+            grad_t = None
+            if grad_sq is not None:
+                two_g_diff = diff * (2 * grad_sq.to(diff.dtype))[:, None]  # ∂L/∂target
+                G = G - two_g_diff
+                grad_t = two_g_diff if need_t else None
+            grad_bias = G.sum(0) if need_bias else None
         grad_f = grad_W = None
-        if need_f:
-            if act is not None and ctx.partial:
-                grad_f = torch.sparse_coo_tensor(act.indices, act.sampled_dot(G, W_dec), act.shape,
-                                                 is_coalesced=True)
-            else:
-                grad_f = G @ W_dec.T  # (B, m)
-        if need_W:
-            grad_W = act.col_gather(G, act.vals) if act is not None else f.T @ G  # (m, d)
-        grad_bias = G.sum(0) if need_bias else None
+        if act is not None:
+            with serial():
+                if need_f and ctx.partial:
+                    grad_f = torch.sparse_coo_tensor(act.indices, act.sampled_dot(G, W_dec), act.shape,
+                                                     is_coalesced=True)
+                if need_W:
+                    grad_W = act.col_gather(G, act.vals)  # (m, d)
+        elif need_W:
+            grad_W = f.T @ G  # (m, d)
+        if need_f and grad_f is None:
+            grad_f = G @ W_dec.T  # (B, m)
         return grad_f, grad_W, grad_bias, grad_t, None, None
 
 
@@ -288,71 +329,94 @@ def decode(
     # (a custom Function's grad_fn is its ctx, which holds act; no reference cycle).
     partial = act is not None and getattr(f.grad_fn, "act", None) is act
     if act is None:  # f from elsewhere (TopK, a leaf): its own pattern when sparse; dense grad_f
-        nnz = int(torch.count_nonzero(f))  # host sync (free on the CPU)
-        if nnz <= SPARSE_MAX_DENSITY * f.numel():
-            act = Active.of_mask(f != 0, f.detach())
+        with serial():
+            nnz = int(torch.count_nonzero(f))  # host sync (free on the CPU)
+            if nnz <= SPARSE_MAX_DENSITY * f.numel():
+                act = Active.of_mask(f != 0, f.detach())
     return _Decode.apply(f, W_dec, bias, target, act, partial)
 
 
 # -- orthogonality ---------------------------------------------------------------------
 
 
-def _orth_block(W1b: torch.Tensor, W2b: torch.Tensor, margin: float, want: bool, grad_scale: float):
-    """One block of c = W1b W2bᵀ: (Σ max(0, |c| − ρ)², ∂/∂W1b, ∂/∂W2b) with the gradients of
-    Σ (…)² times ``grad_scale``, from ∂/∂c = 2·sign(c)·max(0, |c| − ρ). Gradients are None
-    unless ``want``; they use only the pairs past the margin while those are few."""
-    c = W1b @ W2b.T  # (r, s)
-    e = c.abs().sub_(margin).clamp_min_(0)  # max(0, |c| − ρ)
-    flat = e.view(-1)
-    total = torch.dot(flat, flat)
-    if not want:
-        return total, None, None
-    nnz = int(torch.count_nonzero(e))  # host sync (free on the CPU)
-    if nnz == 0:
-        return total, torch.zeros_like(W1b), torch.zeros_like(W2b)
-    if nnz <= ORTH_SPARSE_MAX_DENSITY * e.numel():
-        act = Active.of_mask(e != 0, e)
-        vals = torch.copysign(act.vals, c[act.rows, act.cols]).mul_(2 * grad_scale)  # ∂/∂c on the pairs
-        return total, act.row_gather(W2b, vals), act.col_gather(W1b, vals)
-    g = torch.copysign(e, c, out=e).mul_(2 * grad_scale)  # (r, s) ∂/∂c
-    return total, g @ W2b, g.T @ W1b
+def _orth_blocks(m1: int, m2: int, tiles: torch.Tensor | None):
+    """(r0, r1, cols) blocks that cover the pairs to sum: rows r0:r1 of W_dec1 against the
+    columns ``cols`` of W_dec2 (None: all), ascending in rows and, within a block, in columns.
+    All pairs: ORTH_ROWS-row bands. Tiles: one block per tile row, holding its selected
+    tiles' columns (duplicates counted once, as the reference's mask counts them)."""
+    if tiles is None:
+        return [(r0, min(r0 + ORTH_ROWS, m1), None) for r0 in range(0, m1, ORTH_ROWS)]
+    _, n2 = tile_grid(m1, m2)
+    flat = torch.unique(tiles[:, 0].long() * n2 + tiles[:, 1].long())  # sorted, row-major
+    lane = torch.arange(ORTH_TILE)
+    blocks = []
+    for i in torch.unique(flat // n2).tolist():
+        tj = flat[flat // n2 == i] % n2  # this tile row's column tiles, ascending
+        cols = (tj[:, None] * ORTH_TILE + lane).view(-1)
+        blocks.append((i * ORTH_TILE, min((i + 1) * ORTH_TILE, m1), cols[cols < m2]))
+    return blocks
 
 
 class _Orth(torch.autograd.Function):
     """L = scale · Σ max(0, |c_ij| − ρ)², c = W1 W2ᵀ, over all pairs or the selected tiles;
-    ∂L/∂W1 = scale · 2·sign(c)·max(0, |c| − ρ) W2 and ∂L/∂W2 its transpose-partner. The
-    forward computes both gradients in the same pass over c (they are the weights' size)
-    and the backward scales them by grad_out: c is built once, never whole."""
+    with G = scale · 2·sign(c)·max(0, |c| − ρ):  ∂L/∂W1 = G W2,  ∂L/∂W2 = Gᵀ W1.
+
+    The forward builds c block by block (never whole) and takes both gradients in the
+    same pass (they are the size of the weights), so the backward only scales them by
+    grad_out. G is zero inside the margin; while few pairs are past it (|c| > ρ is rare
+    for near-orthogonal rows: ~2% at d = 576, ρ = 0.1) the pairs of all blocks are
+    collected and the two gradient products run once over them (row/column gathers);
+    a block with many such pairs (e.g. ρ = 0) uses its two dense GEMMs instead.
+    """
 
     @staticmethod
     def forward(ctx, W1, W2, margin, tiles, want):
         m1, m2 = W1.shape[0], W2.shape[0]
         scale = 1.0 / (m1 * m2)
-        total = torch.zeros((), dtype=_acc_dtype(W1))
-        g1 = torch.zeros_like(W1) if want else None
-        g2 = torch.zeros_like(W2) if want else None
-        if tiles is None:
-            for r0 in range(0, m1, ORTH_ROWS):
-                t, d1, d2 = _orth_block(W1[r0:r0 + ORTH_ROWS], W2, margin, want, scale)
-                total += t
-                if want:
-                    g1[r0:r0 + ORTH_ROWS] = d1
-                    g2 += d2
-        else:
+        if tiles is not None:
             n1, n2 = tile_grid(m1, m2)
             scale *= (n1 * n2) / tiles.shape[0]  # unbiased: the reference's count, duplicates included
-            flat = torch.unique(tiles[:, 0].long() * n2 + tiles[:, 1].long())  # sorted, row-major
-            lane = torch.arange(ORTH_TILE)
-            for i in torch.unique(flat // n2).tolist():
-                tj = flat[flat // n2 == i] % n2  # this tile row's column tiles
-                cols = (tj[:, None] * ORTH_TILE + lane).view(-1)
-                cols = cols[cols < m2]  # (s,) columns of W2 in these tiles
-                r0 = i * ORTH_TILE
-                t, d1, d2 = _orth_block(W1[r0:r0 + ORTH_TILE], W2[cols], margin, want, scale)
-                total += t
-                if want:
-                    g1[r0:r0 + ORTH_TILE] += d1
+        total = torch.zeros((), dtype=_acc_dtype(W1))
+        g1 = g2 = None  # allocated by the first dense block, or by the sparse products
+        found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, cols, ∂L/∂c)
+        for r0, r1, cols in _orth_blocks(m1, m2, tiles):
+            small = cols is not None  # one tile row: too small a GEMM to split over threads
+            with serial():
+                W1b = W1[r0:r1]
+                W2b = W2 if cols is None else W2[cols]  # (s, d)
+            with serial() if small else contextlib.nullcontext():
+                c = W1b @ W2b.T  # (r, s)
+            with serial():
+                e = c.abs().sub_(margin).clamp_min_(0)  # max(0, |c| − ρ)
+                flat = e.view(-1)
+                total += torch.dot(flat, flat)
+                if not want:
+                    continue
+                nnz = int(torch.count_nonzero(e))  # host sync (free on the CPU)
+                if nnz <= ORTH_SPARSE_MAX_DENSITY * e.numel():
+                    i, j = e.nonzero().T  # row-major within the block
+                    vals = torch.copysign(e[i, j], c[i, j]).mul_(2 * scale)
+                    found.append((i + r0, j if cols is None else cols[j], vals))
+                    continue
+                g = torch.copysign(e, c, out=e).mul_(2 * scale)  # (r, s) ∂L/∂c
+            with serial() if small else contextlib.nullcontext():
+                d1, d2 = g @ W2b, g.T @ W1b
+            with serial():
+                if g1 is None:
+                    g1, g2 = torch.zeros_like(W1), torch.zeros_like(W2)
+                g1[r0:r1] += d1
+                if cols is None:
+                    g2 += d2
+                else:
                     g2.index_add_(0, cols, d2)
+        if found:
+            with serial():  # blocks ascend in rows, so the concatenation is row-major
+                rows, cols, vals = (torch.cat(t) for t in zip(*found))
+                act = Active(torch.stack([rows, cols]), vals, (m1, m2))
+                s1, s2 = act.row_gather(W2, vals), act.col_gather(W1, vals)  # (m1, d), (m2, d)
+                g1, g2 = (s1, s2) if g1 is None else (g1.add_(s1), g2.add_(s2))
+        if want and g1 is None:  # no pair past the margin
+            g1, g2 = torch.zeros_like(W1), torch.zeros_like(W2)
         ctx.save_for_backward(g1, g2)
         return total * scale
 
@@ -361,7 +425,8 @@ class _Orth(torch.autograd.Function):
     def backward(ctx, grad_out):
         g1, g2 = ctx.saved_tensors
         need1, need2 = ctx.needs_input_grad[:2]
-        return (g1 * grad_out if need1 else None, g2 * grad_out if need2 else None, None, None, None)
+        with serial():
+            return (g1 * grad_out if need1 else None, g2 * grad_out if need2 else None, None, None, None)
 
 
 def orth_penalty(

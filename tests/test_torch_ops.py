@@ -368,3 +368,12 @@ def test_training_steps_match_the_reference_backend(arch):
             assert err <= 1e-5 * max(ref.abs().max().item(), 1e-30), f"{key}: error {err}"
         else:
             assert torch.equal(state_o[key], ref), key
+
+
+def test_orth_penalty_with_every_pair_inside_the_margin():
+    W1, W2 = unit_rows(70, 48), unit_rows(90, 48)
+    ours = run_orth(torch_ops.orth_penalty, W1, W2, 0.95, None, 1.0)
+    ref = run_orth(reference.orth_penalty, W1, W2, 0.95, None, 1.0)
+    assert ref[0].item() == 0.0
+    for a, r, name in zip(ours, ref, ("penalty", "grad W1", "grad W2")):
+        check(a, r, None, name)
