@@ -1,0 +1,158 @@
+"""The language model's activations on a probing dataset's texts, cached on disk per
+(model, hook, dataset files, sizes, seed, context), so a second SAE costs only its own encoding.
+
+SAE features are nonlinear in the activations, so their per-text mean needs every token:
+the cache keeps each text's per-token activations (text positions only, BOS and pad
+dropped), compactly. One folder ``<cache>/probing/<model>__<hook>__<dataset>__<digest>/``:
+
+    meta.json     settings, the texts' sha256, row counts, and the byte size and sha256 of
+                  every file below (checked on every reuse, as the harvest cache is)
+    rows.npy      (n_tokens, d) float16: text i's tokens are rows[offsets[i]:offsets[i + 1]]
+    offsets.npy   (n_texts + 1,) int64
+    pooled.npy    (n_texts, d) float32: each text's mean row (the ``llm`` probes' inputs),
+                  taken over the float16 rows so that both probe families see the same data;
+                  zero for a text made only of special tokens (it has no rows)
+
+Texts are tokenized as [BOS, ≤ context_size text tokens], right-padded, run in batches of
+similar length up to the hook only (``stop_at_layer``). The folder is written to a
+temporary sibling and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from esosae.errors import UserError
+from esosae.evals.tasks import ProbeDataset
+from esosae.models import LoadedModel, file_sha256, hook_activations, note
+from esosae.runio import atomic_dir
+
+FORMAT_VERSION = 1
+META = "meta.json"
+FILES = ("rows.npy", "offsets.npy", "pooled.npy")
+
+
+class ProbeCacheError(UserError):
+    """Probing activations that cannot be computed or stored; the message says what to change."""
+
+
+@dataclass
+class ProbeActivations:
+    """An opened cache; ``rows`` stays memory-mapped."""
+
+    folder: Path
+    rows: np.ndarray
+    """(n_tokens, d) float16, memory-mapped."""
+    offsets: np.ndarray
+    """(n_texts + 1,) int64."""
+    pooled: np.ndarray
+    """(n_texts, d) float32."""
+
+
+def texts_sha256(texts: list[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def settings(dataset: ProbeDataset, model: str, hook: str, context_size: int, sizes: tuple[int, int],
+             seed: int) -> dict[str, Any]:
+    """Everything the cached arrays depend on; reuse needs equality."""
+    return {"format": FORMAT_VERSION, "model": model, "hook": hook, "dataset": dataset.source,
+            "context_size": context_size, "train_size": sizes[0], "test_size": sizes[1], "seed": seed,
+            "texts_sha256": texts_sha256(dataset.texts), "n_texts": len(dataset.texts)}
+
+
+def cache_folder(root: Path, wanted: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:10]
+    slug = "__".join(re.sub(r"[^A-Za-z0-9._-]+", "-", str(wanted[k])).strip("-")
+                     for k in ("model", "hook")) + "__" + re.sub(r"[^A-Za-z0-9._-]+", "-", wanted["dataset"]["name"])
+    return root / "probing" / f"{slug}__{digest}"
+
+
+def cache_problem(folder: Path, wanted: dict[str, Any]) -> str | None:
+    """Why the cache in ``folder`` cannot be reused, or None when it can."""
+    try:
+        meta = json.loads((folder / META).read_text())
+        files, stored = meta["files"], meta["settings"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return "no cache yet" if not folder.exists() else f"{META} is missing or damaged"
+    if stored != wanted:
+        return "built for other settings"
+    for name in FILES:
+        path, rec = folder / name, files.get(name)
+        if rec is None or not path.is_file() or path.stat().st_size != rec["bytes"]:
+            return f"{name} is missing or truncated"
+        if file_sha256(path) != rec["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def open_cache(folder: Path) -> ProbeActivations:
+    return ProbeActivations(folder, np.load(folder / "rows.npy", mmap_mode="r"),
+                            np.load(folder / "offsets.npy"), np.load(folder / "pooled.npy"))
+
+
+def harvest(model: LoadedModel, texts: list[str], hook: str, context_size: int, batch: int, folder: Path,
+            wanted: dict[str, Any], progress: bool) -> None:
+    """Run ``model`` over ``texts`` to ``hook`` and write a complete cache to ``folder``."""
+    ids = model.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    special = set(model.special_ids.tolist())
+    lengths = np.array([sum(t not in special for t in row[:context_size]) for row in ids])  # (n_texts,)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (n_texts + 1,)
+    order = np.argsort(-lengths, kind="stable")  # similar lengths share a batch: little padding
+    with atomic_dir(folder) as tmp:
+        rows = np.lib.format.open_memmap(tmp / "rows.npy", mode="w+", dtype=np.float16,
+                                         shape=(int(offsets[-1]), model.d_model))
+        pooled = np.zeros((len(texts), model.d_model), np.float32)
+        bar = tqdm(total=int(offsets[-1]), unit="tok", unit_scale=True, desc="probing activations",
+                   dynamic_ncols=True, mininterval=2.0, disable=not progress)
+        for start in range(0, len(texts), batch):
+            part = order[start:start + batch]
+            tokens, keep = model.encode([texts[i] for i in part], context_size)  # (B, 1 + T) each
+            acts = hook_activations(model, tokens, hook).to("cpu", torch.float16)  # (B, 1 + T, d)
+            if not torch.isfinite(acts).all():
+                raise ProbeCacheError(f"activations at {hook} overflow float16 on probing texts; "
+                                      "probe an earlier hook")
+            for b, i in enumerate(part):
+                text_rows = acts[b][keep[b]].numpy()  # (lengths[i], d)
+                rows[offsets[i]:offsets[i + 1]] = text_rows
+                if len(text_rows):
+                    pooled[i] = text_rows.astype(np.float32).mean(0)
+            bar.update(int(keep.sum()))
+        bar.close()
+        rows.flush()
+        del rows
+        np.save(tmp / "offsets.npy", offsets)
+        np.save(tmp / "pooled.npy", pooled)
+        meta = {"settings": wanted, "d": model.d_model, "n_tokens": int(offsets[-1]),
+                "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)}
+                          for name in FILES}}
+        (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def ensure(dataset: ProbeDataset, wanted: dict[str, Any], root: Path, get_model: Callable[[], LoadedModel],
+           hook: str, batch: int, progress: bool = True) -> ProbeActivations:
+    """The cache for ``dataset``: reused when it matches, otherwise computed (the model is
+    loaded through ``get_model`` only then)."""
+    folder = cache_folder(root, wanted)
+    problem = cache_problem(folder, wanted)
+    if problem is not None:
+        if folder.exists():
+            note(f"probing cache {folder}: {problem}; rebuilding it")
+        note(f"caching {wanted['model']} activations at {hook} on {len(dataset.texts):,} "
+             f"{dataset.name} texts in {folder}")
+        harvest(get_model(), dataset.texts, hook, wanted["context_size"], batch, folder, wanted, progress)
+    return open_cache(folder)
