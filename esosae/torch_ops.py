@@ -293,12 +293,13 @@ class _Decode(torch.autograd.Function):
         W_dec, diff, f = ctx.saved_tensors
         act = ctx.act
         with serial():
-            G = torch.zeros_like(diff) if grad_xh is None else grad_xh  # (B, d) grad of x̂, all paths
-            grad_t = None
+            G, grad_t = grad_xh, None  # G: (B, d) gradient of x̂ along all paths
             if grad_sq is not None:
                 two_g_diff = diff * (2 * grad_sq.to(diff.dtype))[:, None]  # ∂L/∂target
-                G = G - two_g_diff
+                G = -two_g_diff if G is None else G - two_g_diff
                 grad_t = two_g_diff if need_t else None
+            if G is None:
+                G = torch.zeros_like(diff)
             grad_bias = G.sum(0) if need_bias else None
         grad_f = grad_W = None
         if act is not None:
