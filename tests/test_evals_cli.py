@@ -6,6 +6,8 @@ import shutil
 import sys
 
 import pytest
+import torch
+from threadpoolctl import threadpool_limits
 
 from esosae.cli import main as train_main
 from esosae.evals.cli import main as eval_main
@@ -14,6 +16,16 @@ SMALL = ["--train-size", "40", "--test-size", "20", "--k-values", "1,2", "--plan
 ENVELOPE = ["eval_type_id", "eval_config", "eval_id", "datetime_epoch_millis", "eval_result_metrics",
             "eval_result_details", "eval_result_unstructured", "sae_bench_commit_hash", "sae_lens_id",
             "sae_lens_release_id", "sae_lens_version", "sae_cfg_dict"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models and SAEs are tiny: one thread runs them faster, far faster when other jobs load the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

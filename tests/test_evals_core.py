@@ -3,6 +3,7 @@
 import pytest
 import torch
 from lm_helpers import TINY, register_tiny, write_txt
+from threadpoolctl import threadpool_limits
 
 from esosae import activations, models
 from esosae.config import DataConfig, ModelConfig, SAEConfig, TrainConfig
@@ -10,6 +11,16 @@ from esosae.evals import core
 from esosae.sae import DualLayerSAE
 
 HOOK = "blocks.1.hook_out"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models and SAEs are tiny: one thread runs them faster, far faster when other jobs load the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -49,6 +60,18 @@ def test_ce_loss_recovered_is_one_for_identity_and_zero_for_ablation(run_cfg, ti
     keep = tiny.keep(tokens)
     assert sum(len(x) for x in seen) == int(keep.sum())  # only text positions are spliced
     assert ident["ce_tokens"] == int((keep[:, :-1] & keep[:, 1:]).sum())
+
+
+def test_sae_independent_baselines_are_computed_once(run_cfg, tiny, tmp_path, monkeypatch):
+    tokens = heldout(run_cfg, tiny)
+    calls = []
+    real = core.ce_sums
+    monkeypatch.setattr(core, "ce_sums", lambda *a, **k: calls.append(list(a[3])) or real(*a, **k))
+    first = core.ce_loss_recovered(tiny, tokens, HOOK, lambda x: 0.5 * x, batch=8, cache=tmp_path / "c")
+    second = core.ce_loss_recovered(tiny, tokens, HOOK, lambda x: 0.5 * x, batch=8, cache=tmp_path / "c")
+    assert calls == [["clean", "zero"], ["sae"], ["sae"]] and first == second
+    assert core.ce_loss_recovered(tiny, tokens[1:], HOOK, lambda x: 0.5 * x, batch=8, cache=tmp_path / "c") != first
+    assert calls[-2:] == [["clean", "zero"], ["sae"]]  # other tokens: other baselines
 
 
 def test_clean_ce_is_the_models_own_loss(run_cfg, tiny):

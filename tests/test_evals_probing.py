@@ -25,6 +25,16 @@ from esosae.train import build, train_step
 SMALL = EvalConfig(train_size=60, test_size=24, k_values=(1, 2, 50), context_size=12)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models and SAEs are tiny: one thread runs them faster, far faster when other jobs load the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
+
+
 def write_probe_file(path, n_per_class=(40, 30, 20), seed=0, split=False):
     """Word texts whose class decides which third of the vocabulary they use."""
     rng = random.Random(seed)
@@ -136,17 +146,7 @@ PLANTED = TrainConfig(
     sae=SAEConfig(arch="topk", m1=64, m2=0, target_l0=16), steps=400, batch_size=512, lr=4e-3)
 
 
-@pytest.fixture
-def one_thread():
-    """Small GEMMs and probe fits run faster on one thread, much faster when other jobs load the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
-
-
-def test_planted_atom_is_found_by_top1_probe_of_trained_sae_only(one_thread):
+def test_planted_atom_is_found_by_top1_probe_of_trained_sae_only():
     """Positives have planted atom j active. Training isolates each atom in one feature; an
     untrained SAE's features are random projections, whose best one sees atom j against
     the other ~15 active atoms (planted.py's estimate: Φ(½·sqrt(2 ln 64 / 16)) ≈ 0.66)."""
@@ -242,3 +242,24 @@ def test_cli_bad_probing_file_is_one_line_exit_2(lm_run, tiny_model, tmp_path, c
     rc = eval_main([str(run_dir), "--only", "probing", "--datasets", str(tmp_path / "bad.jsonl")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.startswith("python -m esosae.evals: error:") and "\n" not in err and message in err
+
+
+def test_hub_dataset_makes_one_vs_rest_tasks(monkeypatch):
+    """A hub dataset (here an in-memory stand-in) with train/test splits and its own column names."""
+    import datasets
+
+    rng = random.Random(0)
+
+    def split(n):
+        labels = [i % 3 for i in range(n)]
+        return datasets.Dataset.from_dict({"body": [" ".join(rng.choice(WORDS) for _ in range(5)) for _ in labels],
+                                           "topic": labels})
+    monkeypatch.setattr(tasks, "hub_unavailable", lambda: None)
+    monkeypatch.setattr(datasets, "load_dataset", lambda name: datasets.DatasetDict(train=split(60), test=split(30)))
+    ds = tasks.build(tasks.resolve("hub:someone/topics:topic:body"), 20, 8, seed=0)
+    assert ds.source == {"name": "hub:someone/topics:topic:body", "hub": "someone/topics", "label": "topic",
+                         "text": "body"}
+    assert [t.name for t in ds.tasks] == ["0", "1", "2"]
+    assert all(len(t.train) == 20 and len(t.test) == 8 for t in ds.tasks)
+    with pytest.raises(tasks.ProbingDataError, match="has no column label"):
+        tasks.build(tasks.resolve("hub:someone/topics"), 20, 8, seed=0)

@@ -7,12 +7,18 @@
     |c|   = mean and max |⟨W_dec1[i], W_dec2[j]⟩| over all cross-layer pairs of unit rows
     CE loss recovered = (CE_zero − CE_sae) / (CE_zero − CE_clean): next-token loss of the
             language model with x̂ spliced in at the hook, against the clean model (1) and
-            the hook's text positions zeroed (0); see ``ce_loss_recovered``
+            the hook's text positions zeroed (0); see ``ce_loss_recovered``. The clean and
+            zero-ablation losses do not depend on the SAE: they are cached per (model, hook,
+            held-out tokens) under ``<cache>/ce/``, so each further SAE costs one forward pass
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,9 +27,12 @@ from esosae import data
 from esosae.backend import TORCH, Backend
 from esosae.config import TrainConfig
 from esosae.models import LoadedModel
+from esosae.runio import atomic_write_text
 from esosae.sae import DualLayerSAE
 
 DENSE_FREQ = 0.1
+CE_VERSION = 1
+"""Version of the CE scoring rule; stored CE baselines of another version are recomputed."""
 
 
 @torch.no_grad()
@@ -102,65 +111,104 @@ def heldout_contexts(cfg: TrainConfig, tokenizer: Any, bos_id: int, keep: Callab
     return torch.stack(held)
 
 
-def _ce_sums(logits: torch.Tensor, tokens: torch.Tensor, scored: torch.Tensor) -> float:
+def _ce_sum(logits: torch.Tensor, tokens: torch.Tensor, scored: torch.Tensor) -> float:
     """Σ of next-token cross-entropy over the scored positions; logits (B, T, V), scored (B, T − 1)."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T − 1, V)
     nll = -logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)  # (B, T − 1)
     return nll[scored].double().sum().item()
 
 
+def _splice(fn: Callable[[torch.Tensor], torch.Tensor], keep: torch.Tensor,
+            on_clean: Callable[[torch.Tensor], None] | None = None) -> Callable:
+    """A hook that replaces the text positions' activations x (N, d) by fn(x)."""
+    def hook_fn(x: torch.Tensor, hook: Any) -> torch.Tensor:  # x (b, T, d)
+        if on_clean is not None:
+            on_clean(x[keep].float())
+        x = x.clone()
+        x[keep] = fn(x[keep]).to(x.dtype)
+        return x
+    return hook_fn
+
+
 @torch.no_grad()
-def ce_loss_recovered(lm: LoadedModel, tokens: torch.Tensor, hook: str,
-                      reconstruct: Callable[[torch.Tensor], torch.Tensor], batch: int = 8,
-                      on_clean: Callable[[torch.Tensor], None] | None = None) -> dict[str, float]:
-    """Clean, spliced and zero-ablated next-token CE on ``tokens`` (n, T), and their fraction.
+def ce_sums(lm: LoadedModel, tokens: torch.Tensor, hook: str, passes: dict[str, Callable | None],
+            batch: int = 8, on_clean: Callable[[torch.Tensor], None] | None = None) -> dict[str, float]:
+    """Σ next-token CE per pass over the scored positions of ``tokens`` (n, T), and their count.
 
-        ce_loss_score = (CE_zero − CE_spliced) / (CE_zero − CE_clean)
-
-    At ``hook`` the activations x of text positions (``lm.keep``) are replaced by
-    ``reconstruct(x)`` (rows (N, d) → (N, d), raw units) or by zeros; BOS, separator and
-    pad positions keep their clean activations. CE is averaged over the predictions made
-    at a text position of a text token (input and target both kept), the same positions
-    for all three runs. ``on_clean`` receives the clean text-position rows (N, d) of each
-    batch (the core metrics reuse them).
+    ``passes`` maps a name to what replaces the text-position activations at ``hook``
+    (rows (N, d) → (N, d), raw units), or None for the clean model. Scored: predictions
+    made at a text position of a text token (input and target both kept by ``lm.keep``);
+    BOS, separator and pad positions keep their clean activations. ``on_clean`` receives
+    the clean text-position rows (N, d) of every batch, from the first replacing pass.
     """
-    sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
+    sums = dict.fromkeys(passes, 0.0)
     n_scored = 0
     for start in range(0, len(tokens), batch):
         toks = tokens[start:start + batch].to(lm.device)  # (b, T)
         keep = lm.keep(toks)  # (b, T)
         scored = keep[:, :-1] & keep[:, 1:]  # (b, T − 1)
         n_scored += int(scored.sum())
-
-        def splice(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
-            def hook_fn(x: torch.Tensor, hook: Any) -> torch.Tensor:
-                x = x.clone()  # (b, T, d)
-                x[keep] = fn(x[keep]).to(x.dtype)
-                return x
-            return hook_fn
-
-        def grab(x: torch.Tensor, hook: Any) -> torch.Tensor:
-            if on_clean is not None:
-                on_clean(x[keep].float())
-            return x
-
-        for name, fn in (("clean", grab), ("sae", splice(reconstruct)), ("zero", splice(torch.zeros_like))):
-            logits = lm.bridge.run_with_hooks(toks, fwd_hooks=[(hook, fn)])  # (b, T, V)
-            sums[name] += _ce_sums(logits, toks, scored)
+        grab = on_clean
+        for name, fn in passes.items():
+            hooks = [] if fn is None else [(hook, _splice(fn, keep, grab))]
+            grab = None if fn is not None else grab
+            logits = lm.bridge.run_with_hooks(toks, fwd_hooks=hooks)  # (b, T, V)
+            sums[name] += _ce_sum(logits, toks, scored)
     if n_scored == 0:
         raise data.DataError("the held-out contexts hold no text-token predictions to score CE loss on")
-    ce = {k: v / n_scored for k, v in sums.items()}
-    score = (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"])
+    return {**sums, "n_scored": n_scored}
+
+
+def ce_baselines(lm: LoadedModel, tokens: torch.Tensor, hook: str, batch: int, cache: Path | None) -> dict[str, float]:
+    """Σ CE of the clean and the zero-ablated model: they do not depend on the SAE, so they
+    are stored in ``cache/ce/`` per (model, hook, tokens) and computed once."""
+    key = {"version": CE_VERSION, "model": lm.name, "hook": hook,
+           "tokens_sha256": hashlib.sha256(tokens.to(torch.int64).numpy().tobytes()).hexdigest()}
+    path = None
+    if cache is not None:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        path = cache / "ce" / f"{re.sub(r'[^A-Za-z0-9._-]+', '-', lm.name)}__{hook}__{digest}.json"
+        try:
+            stored = json.loads(path.read_text())
+            if stored["key"] == key:
+                return stored["sums"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError):
+            pass
+    sums = ce_sums(lm, tokens, hook, {"clean": None, "zero": torch.zeros_like}, batch)
+    if path is not None:
+        atomic_write_text(path, json.dumps({"key": key, "sums": sums}, indent=1) + "\n")
+    return sums
+
+
+def ce_loss_recovered(lm: LoadedModel, tokens: torch.Tensor, hook: str,
+                      reconstruct: Callable[[torch.Tensor], torch.Tensor], batch: int = 8,
+                      on_clean: Callable[[torch.Tensor], None] | None = None,
+                      cache: Path | None = None) -> dict[str, float]:
+    """Clean, spliced and zero-ablated next-token CE on ``tokens`` (n, T), and their fraction:
+
+        ce_loss_score = (CE_zero − CE_spliced) / (CE_zero − CE_clean)
+
+    where the spliced run replaces the hook's text-position activations x by
+    ``reconstruct(x)`` and the zero-ablated one by 0 (``ce_sums``). With ``cache``, the clean
+    and zero sums are read from (or stored in) it, so only the spliced pass runs.
+    """
+    base = ce_baselines(lm, tokens, hook, batch, cache)
+    sae = ce_sums(lm, tokens, hook, {"sae": reconstruct}, batch, on_clean)
+    if sae["n_scored"] != base["n_scored"]:
+        raise data.DataError("cached CE baselines were scored on other positions; delete the ce/ cache")
+    ce = {"clean": base["clean"] / base["n_scored"], "zero": base["zero"] / base["n_scored"],
+          "sae": sae["sae"] / sae["n_scored"]}
     return {"ce_loss_without_sae": ce["clean"], "ce_loss_with_sae": ce["sae"], "ce_loss_with_ablation": ce["zero"],
-            "ce_loss_score": score, "ce_tokens": n_scored}
+            "ce_loss_score": (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]), "ce_tokens": sae["n_scored"]}
 
 
-def lm_core_metrics(sae: DualLayerSAE, lm: LoadedModel, cfg: TrainConfig, batch: int = 8) -> dict[str, float]:
+def lm_core_metrics(sae: DualLayerSAE, lm: LoadedModel, cfg: TrainConfig, batch: int = 8,
+                    cache: Path | None = None) -> dict[str, float]:
     """CE loss recovered over the run's held-out contexts, and ``reconstruction_metrics`` on
     the first ``eval_tokens`` clean text-position activations of the same pass (fp32)."""
     tokens = heldout_contexts(cfg, lm.tokenizer, lm.bos_id, lm.keep)  # (n, T + 1)
     rows: list[torch.Tensor] = []
     ce = ce_loss_recovered(lm, tokens, cfg.model.hook, lambda x: sae(x * sae.scale, TORCH)["x_hat"] / sae.scale,
-                           batch, on_clean=lambda x: rows.append(x.cpu()))
+                           batch, on_clean=lambda x: rows.append(x.cpu()), cache=cache)
     x = torch.cat(rows)[:cfg.data.eval_tokens]  # (eval_tokens, d)
     return {**reconstruction_metrics(sae, x), **ce}

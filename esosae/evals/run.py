@@ -82,7 +82,7 @@ def open_run(run_dir: Path, cfg: EvalConfig) -> Run:
 def core_eval(run: Run, cfg: EvalConfig) -> dict[str, Any]:
     d = run.cfg.data
     if run.is_lm:
-        m = lm_core_metrics(run.sae, run.lm, run.cfg, cfg.ce_batch)
+        m = lm_core_metrics(run.sae, run.lm, run.cfg, cfg.ce_batch, cache_root(run.cfg.model.cache_dir))
     else:
         source = run.synthetic_source()
         m = reconstruction_metrics(run.sae, source.heldout())
