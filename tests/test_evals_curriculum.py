@@ -47,7 +47,7 @@ def cfg():
     return TrainConfig(data=DataConfig(source="synthetic"), steps=1000, log_every=LOG_EVERY)
 
 
-@pytest.mark.parametrize("lag", [0, 50, 120])
+@pytest.mark.parametrize("lag", [0, 50, 120])  # the search reaches ±250 steps (a quarter of 100 logs)
 def test_known_lag_is_found_with_correlation_one(tmp_path, cfg, lag):
     write_log(tmp_path / "metrics.jsonl", cfg.steps, lag)
     records = curriculum.read_metrics(tmp_path / "metrics.jsonl")
@@ -57,6 +57,7 @@ def test_known_lag_is_found_with_correlation_one(tmp_path, cfg, lag):
     assert a["l0_drop_pearson_at_best_lag"] == pytest.approx(1.0, abs=1e-12)
     assert a["cos_fall_best_lag_steps"] == 2 * lag
     assert a["cos_fall_pearson_at_best_lag"] == pytest.approx(1.0, abs=1e-12)
+    assert not a["l0_drop_best_lag_at_bound"] and not a["cos_fall_best_lag_at_bound"]
     if lag:
         assert a["l0_drop_pearson"] < a["l0_drop_pearson_at_best_lag"] - 1e-3
 
@@ -107,3 +108,11 @@ def test_constant_progress_has_no_correlation():
     steps = np.arange(9, 200, 10)
     a = curriculum.alignment(steps, np.ones(len(steps)), 100 - steps / 10.0, "schedule_progress", "L0")
     assert a["pearson"] is None and a["reason"] == "schedule_progress is constant"
+
+
+def test_a_lag_beyond_the_search_is_flagged(tmp_path, cfg):
+    write_log(tmp_path / "metrics.jsonl", cfg.steps, 400)
+    m = curriculum.curriculum_metrics(curriculum.read_metrics(tmp_path / "metrics.jsonl"),
+                                      sae_with_margins(cfg, torch.ones(cfg.sae.m1), torch.ones(cfg.sae.m2)), cfg)
+    a = m["metrics"]["alignment"]
+    assert a["l0_drop_best_lag_steps"] == 250 and a["l0_drop_best_lag_at_bound"]

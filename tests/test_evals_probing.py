@@ -98,6 +98,13 @@ def test_hub_dataset_offline_is_one_line_error(monkeypatch):
         tasks.resolve("ag-news")
 
 
+def test_length_batches_cover_every_text_longest_first_within_the_budget():
+    lengths = np.array([5, 30, 2, 2, 17, 60, 2])
+    batches = probe_cache.length_batches(lengths, 64)
+    assert [b.tolist() for b in batches] == [[5], [1, 4], [0, 2, 3, 6]]  # 61 tokens; 2 x 31; 4 x 6
+    assert all(len(b) * (lengths[b].max() + 1) <= 64 for b in batches)
+
+
 # -- probes --------------------------------------------------------------------------------
 
 

@@ -40,8 +40,8 @@ class EvalConfig:
     """Inverse L2 strength C of the logistic-regression probes."""
     max_iter: int = 1000
     """Iteration cap of each probe's L-BFGS fit."""
-    llm_batch: int = 16
-    """Texts per language-model forward pass when caching probing activations."""
+    llm_batch_tokens: int = 4096
+    """Padded tokens per language-model forward pass when caching probing activations."""
     sae_batch: int = 8192
     """Tokens per SAE forward pass."""
     ce_batch: int = 8
@@ -63,7 +63,7 @@ class EvalConfig:
         for name in ("train_size", "test_size"):
             if getattr(self, name) < 4:
                 raise ConfigError(f"{name} must be >= 4 (two texts per class; got {getattr(self, name)})")
-        for name in ("context_size", "max_iter", "llm_batch", "sae_batch", "ce_batch", "planted_atoms"):
+        for name in ("context_size", "max_iter", "llm_batch_tokens", "sae_batch", "ce_batch", "planted_atoms"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0 (got {getattr(self, name)})")
         if not self.k_values or min(self.k_values) <= 0:

@@ -15,8 +15,11 @@ Alignment, on the logged steps t_0 < t_1 < … (resampled to the regular ``log_e
                       last, the fraction of the run's whole drop reached by step t (it may
                       leave [0, 1] where the curve overshoots); undefined if y(t_0) = y(t_end)
     correlation       r(ℓ) = Pearson(s(t), D(t + ℓ)) over the steps where both exist
-    lag               ℓ* = argmax_ℓ r(ℓ) for |ℓ| ≤ half the logged span, in steps (ties:
-                      the smallest |ℓ|); ℓ* > 0 means the L0 drop trails the schedule s(t)
+    lag               ℓ* = argmax_ℓ r(ℓ) for |ℓ| ≤ a quarter of the logged span (so every
+                      correlation spans at least three quarters of training), in steps
+                      (ties: the smallest |ℓ|); ℓ* > 0 means the L0 drop trails the schedule
+                      s(t), ℓ* < 0 that it leads it; ``best_lag_at_bound`` says ℓ* hit the
+                      limit (the true lag may be larger)
 
 and the same for γ(t) against the normalized fall of the mean cross-layer |c_ij|
 (``cos_mean``, logged on a sample of pairs). A constant s(t) or γ(t) (schedule ``const``,
@@ -107,7 +110,7 @@ def lagged_pearson(a: np.ndarray, b: np.ndarray, max_lag: int) -> dict[int, floa
 def alignment(steps: np.ndarray, driver: np.ndarray | None, response: np.ndarray | None,
               driver_name: str, response_name: str) -> dict[str, Any]:
     """r(0), ℓ* (in steps) and r(ℓ*) of ``driver`` against the normalized drop of ``response``."""
-    empty = {"pearson": None, "best_lag_steps": None, "pearson_at_best_lag": None}
+    empty = {"pearson": None, "best_lag_steps": None, "pearson_at_best_lag": None, "best_lag_at_bound": None}
     if driver is None or response is None:
         return {**empty, "reason": f"the run logs no {driver_name if driver is None else response_name}"}
     grid = regular_grid(steps)
@@ -117,12 +120,14 @@ def alignment(steps: np.ndarray, driver: np.ndarray | None, response: np.ndarray
         return {**empty, "reason": f"{response_name} ends where it began"}
     if driver.std() == 0:
         return {**empty, "reason": f"{driver_name} is constant"}
-    r = lagged_pearson(driver, drop, len(steps) // 2)
+    max_lag = len(steps) // 4
+    r = lagged_pearson(driver, drop, max_lag)
     if not r:
         return {**empty, "reason": "too few logged steps"}
     best = max(r, key=lambda lag: (r[lag], -abs(lag)))
     spacing = int(steps[1] - steps[0]) if len(steps) > 1 else 0
-    return {"pearson": r.get(0), "best_lag_steps": best * spacing, "pearson_at_best_lag": r[best]}
+    return {"pearson": r.get(0), "best_lag_steps": best * spacing, "pearson_at_best_lag": r[best],
+            "best_lag_at_bound": abs(best) == max_lag}
 
 
 def settle_step(steps: np.ndarray, y: np.ndarray, tol: float = SETTLE) -> int:

@@ -13,9 +13,10 @@ dropped), compactly. One folder ``<cache>/probing/<model>__<hook>__<dataset>__<d
                   taken over the float16 rows so that both probe families see the same data;
                   zero for a text made only of special tokens (it has no rows)
 
-Texts are tokenized as [BOS, ≤ context_size text tokens], right-padded, run in batches of
-similar length up to the hook only (``stop_at_layer``). The folder is written to a
-temporary sibling and renamed into place when complete.
+Texts are tokenized as [BOS, ≤ context_size text tokens], right-padded, and run up to the
+hook only (``stop_at_layer``) longest first, in batches of at most ``batch_tokens`` padded
+tokens, so short texts share large batches and long ones waste little padding. The folder
+is written to a temporary sibling and renamed into place when complete.
 """
 
 from __future__ import annotations
@@ -105,22 +106,33 @@ def open_cache(folder: Path) -> ProbeActivations:
                             np.load(folder / "offsets.npy"), np.load(folder / "pooled.npy"))
 
 
-def harvest(model: LoadedModel, texts: list[str], hook: str, context_size: int, batch: int, folder: Path,
+def length_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
+    """Text indices longest first, cut into batches of at most ``batch_tokens`` padded
+    tokens (BOS included; a longer text goes alone)."""
+    order = np.argsort(-lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        size = max(1, batch_tokens // (int(lengths[order[start]]) + 1))  # the first is the longest
+        batches.append(order[start:start + size])
+        start += size
+    return batches
+
+
+def harvest(model: LoadedModel, texts: list[str], hook: str, context_size: int, batch_tokens: int, folder: Path,
             wanted: dict[str, Any], progress: bool) -> None:
     """Run ``model`` over ``texts`` to ``hook`` and write a complete cache to ``folder``."""
     ids = model.tokenizer(texts, add_special_tokens=False)["input_ids"]
     special = set(model.special_ids.tolist())
     lengths = np.array([sum(t not in special for t in row[:context_size]) for row in ids])  # (n_texts,)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # (n_texts + 1,)
-    order = np.argsort(-lengths, kind="stable")  # similar lengths share a batch: little padding
+    padded = np.array([len(row[:context_size]) for row in ids])  # (n_texts,) tokens run, special or not
     with atomic_dir(folder) as tmp:
         rows = np.lib.format.open_memmap(tmp / "rows.npy", mode="w+", dtype=np.float16,
                                          shape=(int(offsets[-1]), model.d_model))
         pooled = np.zeros((len(texts), model.d_model), np.float32)
         bar = tqdm(total=int(offsets[-1]), unit="tok", unit_scale=True, desc="probing activations",
                    dynamic_ncols=True, mininterval=2.0, disable=not progress)
-        for start in range(0, len(texts), batch):
-            part = order[start:start + batch]
+        for part in length_batches(padded, batch_tokens):
             tokens, keep = model.encode([texts[i] for i in part], context_size)  # (B, 1 + T) each
             acts = hook_activations(model, tokens, hook).to("cpu", torch.float16)  # (B, 1 + T, d)
             if not torch.isfinite(acts).all():
@@ -144,7 +156,7 @@ def harvest(model: LoadedModel, texts: list[str], hook: str, context_size: int, 
 
 
 def ensure(dataset: ProbeDataset, wanted: dict[str, Any], root: Path, get_model: Callable[[], LoadedModel],
-           hook: str, batch: int, progress: bool = True) -> ProbeActivations:
+           hook: str, batch_tokens: int, progress: bool = True) -> ProbeActivations:
     """The cache for ``dataset``: reused when it matches, otherwise computed (the model is
     loaded through ``get_model`` only then)."""
     folder = cache_folder(root, wanted)
@@ -154,5 +166,5 @@ def ensure(dataset: ProbeDataset, wanted: dict[str, Any], root: Path, get_model:
             note(f"probing cache {folder}: {problem}; rebuilding it")
         note(f"caching {wanted['model']} activations at {hook} on {len(dataset.texts):,} "
              f"{dataset.name} texts in {folder}")
-        harvest(get_model(), dataset.texts, hook, wanted["context_size"], batch, folder, wanted, progress)
+        harvest(get_model(), dataset.texts, hook, wanted["context_size"], batch_tokens, folder, wanted, progress)
     return open_cache(folder)

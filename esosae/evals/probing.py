@@ -165,7 +165,7 @@ def lm_probing(sae: DualLayerSAE, datasets: list[tasks.ProbeDataset], model_name
     results = {}
     for ds in datasets:
         wanted = probe_cache.settings(ds, model_name, hook, cfg.context_size, (cfg.train_size, cfg.test_size), cfg.seed)
-        acts = probe_cache.ensure(ds, wanted, cache, get_model, hook, cfg.llm_batch, progress)
+        acts = probe_cache.ensure(ds, wanted, cache, get_model, hook, cfg.llm_batch_tokens, progress)
         if acts.pooled.shape[1] != sae.d:
             raise probe_cache.ProbeCacheError(f"the SAE reads d = {sae.d} activations but {hook} of {model_name} "
                                               f"has d = {acts.pooled.shape[1]}")
