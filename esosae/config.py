@@ -58,7 +58,7 @@ class DataConfig:
     """Comma list of text sources NAME[:WEIGHT]: hub names, local files or folders."""
     context_size: int = 128
     """Tokens per context (BOS is prepended and never trained on)."""
-    harvest_tokens: int = 400_000
+    harvest_tokens: int = 300_000
     """Activations harvested into the on-disk cache (training tokens repeat past this)."""
     harvest_batch: int = 16
     """Contexts per language-model forward pass while harvesting."""
@@ -222,7 +222,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     sae: SAEConfig = field(default_factory=SAEConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    steps: int = 1500
+    steps: int = 600
     """Optimizer steps; tokens seen = steps × batch_size."""
     batch_size: int = 1024
     """Activations (tokens) per step."""
@@ -297,6 +297,8 @@ class TrainConfig:
             sae.l1_coeff = auto["l1_coeff_relu" if sae.arch == "relu" else "l1_coeff"]
         if sched.tau_final is None:
             sched.tau_final = auto["tau_final"]
+            if sched.tau_final2 is None:  # an explicit τ_T alone keeps meaning "both layers"
+                sched.tau_final2 = auto.get("tau_final2")
         sae.__post_init__()
         sched.__post_init__()
 
@@ -341,7 +343,11 @@ class TrainConfig:
 
 AUTO_DEFAULTS: dict[str, dict[str, float]] = {
     # The embedded language model (SmolLM2-135M, block 6); see README "The default run".
-    "lm": {"m": 2304, "target_l0": 32.0, "l1_coeff": 2.0, "l1_coeff_relu": 2.0, "tau_final": 0.5},
+    # Calibrated on 600 steps × 1,024 tokens (docs/default_run.md): with one τ_T, layer 1
+    # ends 7× sparser than layer 2 (its margins pin at μ_max while everything fires early),
+    # so each layer gets its own τ_T.
+    "lm": {"m": 1152, "target_l0": 16.0, "l1_coeff": 0.5, "l1_coeff_relu": 2.0, "tau_final": 0.2,
+           "tau_final2": 0.55},
     # Planted dictionaries (esosae.sources.PRESETS): one feature per atom.
     "easy": {"m": 256, "target_l0": 4.0, "l1_coeff": 0.05, "l1_coeff_relu": 0.05, "tau_final": 1.0},
     "hard": {"m": 512, "target_l0": 8.0, "l1_coeff": 0.05, "l1_coeff_relu": 0.05, "tau_final": 1.0},
