@@ -26,7 +26,8 @@ def write_log(path, steps: int, lag: int, gamma_constant: bool = False, l0_flat:
     l0 = np.full_like(t, 50.0, dtype=float) if l0_flat else 120 - 100 * s_curve(t - lag, steps)
     gamma = np.ones_like(s) if gamma_constant else s
     cos = 0.3 - 0.2 * s_curve(t - 2 * lag, steps)
-    records = [{"step": int(ti), "tau1": 1e-3 + si, "tau2": 1e-3 + si, "gamma": float(gi), "schedule_progress": float(si),
+    records = [{"step": int(ti), "tau1": 1e-3 + si, "tau2": 1e-3 + si, "gamma": float(gi),
+                "schedule_progress": float(si),
                 "l0_1": float(li) / 2, "l0_2": float(li) / 2, "fvu": 0.1, "dead_1": 0.0, "dead_2": 0.25,
                 "pinned_min_1": 0.0, "pinned_max_1": 0.1, "pinned_min_2": 0.0, "pinned_max_2": 0.0,
                 "mu_mean_1": 1.0, "mu_mean_2": 1.0, "cos_mean": float(ci), "cos_max": 0.9}
@@ -42,6 +43,10 @@ def sae_with_margins(cfg: TrainConfig, mu1: torch.Tensor, mu2: torch.Tensor) -> 
     return sae
 
 
+def unit_margins(cfg: TrainConfig) -> DualLayerSAE:
+    return sae_with_margins(cfg, torch.ones(cfg.sae.m1), torch.ones(cfg.sae.m2))
+
+
 @pytest.fixture
 def cfg():
     return TrainConfig(data=DataConfig(source="synthetic"), steps=1000, log_every=LOG_EVERY)
@@ -51,7 +56,7 @@ def cfg():
 def test_known_lag_is_found_with_correlation_one(tmp_path, cfg, lag):
     write_log(tmp_path / "metrics.jsonl", cfg.steps, lag)
     records = curriculum.read_metrics(tmp_path / "metrics.jsonl")
-    m = curriculum.curriculum_metrics(records, sae_with_margins(cfg, torch.ones(cfg.sae.m1), torch.ones(cfg.sae.m2)), cfg)
+    m = curriculum.curriculum_metrics(records, unit_margins(cfg), cfg)
     a = m["metrics"]["alignment"]
     assert a["l0_drop_best_lag_steps"] == lag
     assert a["l0_drop_pearson_at_best_lag"] == pytest.approx(1.0, abs=1e-12)
@@ -71,7 +76,7 @@ def test_normalized_drop_runs_from_zero_to_one():
 def test_constant_drivers_and_flat_curves_give_null_with_a_reason(tmp_path, cfg):
     write_log(tmp_path / "metrics.jsonl", cfg.steps, 30, gamma_constant=True, l0_flat=True)
     records = curriculum.read_metrics(tmp_path / "metrics.jsonl")
-    m = curriculum.curriculum_metrics(records, sae_with_margins(cfg, torch.ones(cfg.sae.m1), torch.ones(cfg.sae.m2)), cfg)
+    m = curriculum.curriculum_metrics(records, unit_margins(cfg), cfg)
     a = m["metrics"]["alignment"]
     assert a["l0_drop_pearson"] is None and "ends where it began" in a["l0_drop_reason"]
     assert a["cos_fall_pearson"] is None and "gamma is constant" in a["cos_fall_reason"]
@@ -112,7 +117,6 @@ def test_constant_progress_has_no_correlation():
 
 def test_a_lag_beyond_the_search_is_flagged(tmp_path, cfg):
     write_log(tmp_path / "metrics.jsonl", cfg.steps, 400)
-    m = curriculum.curriculum_metrics(curriculum.read_metrics(tmp_path / "metrics.jsonl"),
-                                      sae_with_margins(cfg, torch.ones(cfg.sae.m1), torch.ones(cfg.sae.m2)), cfg)
+    m = curriculum.curriculum_metrics(curriculum.read_metrics(tmp_path / "metrics.jsonl"), unit_margins(cfg), cfg)
     a = m["metrics"]["alignment"]
     assert a["l0_drop_best_lag_steps"] == 250 and a["l0_drop_best_lag_at_bound"]

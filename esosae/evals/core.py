@@ -89,7 +89,8 @@ def cross_layer_cosines(W1: torch.Tensor, W2: torch.Tensor, chunk: int = 1024) -
 # -- CE loss recovered on the language model ---------------------------------------------
 
 
-def heldout_contexts(cfg: TrainConfig, tokenizer: Any, bos_id: int, keep: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def heldout_contexts(cfg: TrainConfig, tokenizer: Any, bos_id: int,
+                     keep: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """The run's held-out contexts (n, context_size + 1), re-derived from esosae.data.
 
     The harvest (esosae.activations) puts the stream's first whole contexts into the

@@ -46,7 +46,8 @@ def sae_cfg_dict(cfg: TrainConfig, d_in: int) -> dict[str, Any]:
 
 
 def envelope(eval_type_id: str, eval_config: dict[str, Any], metrics: dict[str, dict[str, Any]],
-             details: list[dict[str, Any]], unstructured: Any, run_dir: Path, sae_cfg: dict[str, Any]) -> dict[str, Any]:
+             details: list[dict[str, Any]], unstructured: Any, run_dir: Path,
+             sae_cfg: dict[str, Any]) -> dict[str, Any]:
     return {"eval_type_id": eval_type_id, "eval_config": eval_config, "eval_id": str(uuid.uuid4()),
             "datetime_epoch_millis": int(time.time() * 1000), "eval_result_metrics": metrics,
             "eval_result_details": details, "eval_result_unstructured": unstructured,
