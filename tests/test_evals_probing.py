@@ -82,9 +82,11 @@ def test_builtin_datasets_cover_every_probing_file():
     ('["w1", "a"]\n', "line 1: needs a JSON object with a string 'text'"),
     ("".join(f'{{"text": "w{i}", "label": "a"}}\n' for i in range(20)), "every row has label 'a'"),
     ('{"text": "w1", "label": "a"}\n{"text": "w2", "label": "b"}\n', "texts per class (need >= 2)"),
+    (b'{"text": "caf\xe9", "label": "a"}\n', "cannot be read as UTF-8 text"),
 ])
 def test_bad_probing_files_are_one_line_errors(tmp_path, content, message):
-    (tmp_path / "bad.jsonl").write_text(content)
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
     with pytest.raises(tasks.ProbingDataError, match="bad.jsonl|'bad'") as e:
         tasks.build(tasks.resolve(str(tmp_path / "bad.jsonl")), 40, 16, seed=0)
     assert message in str(e.value) and "\n" not in str(e.value)

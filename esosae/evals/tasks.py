@@ -185,27 +185,30 @@ def read_rows(spec: DatasetSpec) -> Rows:
     columns = _columns(spec)
     for f in spec.files:
         path = _file_path(f)
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ProbingDataError(f"probing file {path} line {n}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise ProbingDataError(f"probing file {path} line {n}: needs a JSON object with a string 'text'")
-                missing = sorted(c for c in columns if c not in row)
-                if missing:
-                    raise ProbingDataError(f"probing file {path} line {n}: no field {', '.join(map(repr, missing))}")
-                text = row["text"]
-                if f.strip_title and text.startswith(str(row.get("title", "")).strip()):
-                    text = text[len(str(row["title"]).strip()):]
-                if not text.strip():
-                    continue  # nothing to pool over
-                rows.texts.append(text.strip())
-                rows.labels.append({c: str(row[c]) for c in columns})
-                rows.split.append(f.split or row.get("split"))
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ProbingDataError(f"probing file {path} cannot be read as UTF-8 text ({e})") from None
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ProbingDataError(f"probing file {path} line {n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ProbingDataError(f"probing file {path} line {n}: needs a JSON object with a string 'text'")
+            missing = sorted(c for c in columns if c not in row)
+            if missing:
+                raise ProbingDataError(f"probing file {path} line {n}: no field {', '.join(map(repr, missing))}")
+            text, title = row["text"], str(row.get("title", "")).strip()
+            if f.strip_title and title and text.startswith(title):
+                text = text[len(title):]
+            if not text.strip():
+                continue  # nothing to pool over
+            rows.texts.append(text.strip())
+            rows.labels.append({c: str(row[c]) for c in columns})
+            rows.split.append(f.split or row.get("split"))
     if not rows.texts:
         raise ProbingDataError(f"probing dataset {spec.name!r} has no rows with text")
     return rows
