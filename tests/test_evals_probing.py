@@ -214,9 +214,11 @@ def test_lm_probing_json_has_saebench_shape(lm_run, tiny_model):
     assert list(m["llm"]) == probing.metric_keys("llm", (1, 2, 50))
     assert list(m["sae"]) == probing.metric_keys("sae", (1, 2, 50))
     assert all(0 <= v <= 1 for section in m.values() for v in section.values())
+    per_task = out["eval_result_unstructured"]["probe"]
+    assert m["consistency"]["sae_top_1_test_auc_task_std"] == pytest.approx(
+        np.std([t["sae_top_1_test_auc"] for t in per_task.values()]))
     (detail,) = out["eval_result_details"]
     assert detail["dataset_name"] == "probe" and detail["sae_top_1_test_auc"] == m["sae"]["sae_top_1_test_auc"]
-    per_task = out["eval_result_unstructured"]["probe"]
     assert list(per_task) == ["a", "b", "c"]
     assert np.mean([t["llm_test_accuracy"] for t in per_task.values()]) == pytest.approx(detail["llm_test_accuracy"])
     cfg_dict = out["sae_cfg_dict"]

@@ -181,9 +181,14 @@ def lm_probing(sae: DualLayerSAE, datasets: list[tasks.ProbeDataset], model_name
 
 def summarize(results: dict[str, dict[str, dict[str, Any]]], cfg: EvalConfig) -> tuple[dict, list]:
     """(eval_result_metrics, eval_result_details): per-dataset means over tasks, then the
-    mean over datasets, split into SAEBench's ``llm`` and ``sae`` sections."""
+    mean over datasets, split into SAEBench's ``llm`` and ``sae`` sections; and a
+    ``consistency`` section: the std of every AUC over all tasks (METHOD.md §7's AUC
+    consistency across tasks; across seeds it needs several runs)."""
     keys = {p: metric_keys(p, cfg.k_values) for p in ("llm", "sae")}
     details = [{"dataset_name": name, **mean_over(list(per_task.values()), keys["llm"] + keys["sae"])}
                for name, per_task in results.items()]
     metrics = {p: mean_over(details, keys[p]) for p in ("llm", "sae")}
+    every_task = [t for per_task in results.values() for t in per_task.values()]
+    metrics["consistency"] = {f"{k}_task_std": float(np.std([t[k] for t in every_task]))
+                              for p in ("llm", "sae") for k in keys[p] if k.endswith("_auc")}
     return metrics, details
