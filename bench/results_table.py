@@ -22,8 +22,10 @@ def tables(path: str) -> str:
     data = json.load(open(path))
     rows = data["benchmarks"]
     first = next((b["extra_info"] for b in rows if "cpu" in b["extra_info"]), {})
-    head = [f"Machine: {first.get('cpu', '?')}, {first.get('cpus', '?')} cores, torch {first.get('torch', '?')}, "
-            f"{first.get('torch_threads', '?')} threads; run started {data.get('datetime', '?')[:16]} UTC."]
+    dates = sorted(b["extra_info"]["date"] for b in rows if "date" in b["extra_info"])
+    span = f"{dates[0]} to {dates[-1][11:]} (local time)" if dates else "?"
+    head = [f"Machine: {first.get('cpu', '?')} ({first.get('cpus', '?')} cores), torch {first.get('torch', '?')}, "
+            f"{first.get('torch_threads', '?')} intra-op threads by default; measured {span}."]
     ops = [b for b in rows if b["name"].startswith(("test_encode", "test_decode", "test_orth"))]
     steps = [b for b in rows if b["name"].startswith("test_train_step")]
     races = [b for b in rows if b["name"].startswith("test_race")]
@@ -46,14 +48,15 @@ def tables(path: str) -> str:
             out.append(f"| {b['param']} | {_ms(t)} | {1024 / t:,.0f} | {ph} | {l0} | {e['partner']} | "
                        f"{_ms(e['partner_s'])} | {e['partner_s'] / t:.2f} | {e['load_1min']} |")
     if races:
-        out += ["", "| race [ours vs SAELens] | threads | ours ms | SAELens ms | SAELens / ours | ours tokens/s | "
+        out += ["", "| race [ours vs SAELens] | our Adam | threads | ours ms | SAELens ms | SAELens / ours | ours tokens/s | "
                 "SAELens tokens/s | L0 ours / SAELens | penalty ms (share of ours) | load |",
-                "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+                "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
         for b in races:
             e, t = b["extra_info"], b["stats"]["median"]
             l0 = " + ".join(f"{v:.0f}" for v in e["ours_l0"])
             pen = f"{_ms(e['orth_s'])} ({e['orth_share']:.0%})" if "orth_s" in e else ""
-            out.append(f"| {b['param']} | {e['threads_both']} | {_ms(t)} | {_ms(e['saelens_s'])} | "
+            adam = "fused" if e.get("our_adam_fused") else "trainer's"
+            out.append(f"| {b['param']} | {adam} | {e['threads_both']} | {_ms(t)} | {_ms(e['saelens_s'])} | "
                        f"{e['saelens_s'] / t:.2f} | {1024 / t:,.0f} | {1024 / e['saelens_s']:,.0f} | "
                        f"{l0} / {e['saelens_l0']:.0f} | {pen} | {e['load_1min']} |")
     return "\n".join(out)

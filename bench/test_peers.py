@@ -13,8 +13,10 @@ Ours: ``esosae.train.train_step`` on the torch backend, single-layer ReLU + L1 a
 SAELens's single layer; then our dual-layer E-SOSAE (m1 = m2 = 4,608) against the same
 SAELens single-layer step, with the default tile fraction and exact, where the share of the
 step that the penalty's forward + backward takes is measured on its own.
-Last, both at one intra-op thread (our step and SAELens's), the thread setting that wins
-on this shared machine when other jobs hold the cores.
+Then the single-layer and dual-layer races again with our Adam fused
+(``Adam(fused=True)``, a proposed change to the trainer's ``build``; SAELens keeps its
+trainer's default Adam), and the single-layer race with both trainers on one intra-op
+thread, the thread setting that wins on this shared machine when other jobs hold the cores.
 Skips (with the reason) when the peers environment is missing, as in CI.
 """
 
@@ -95,12 +97,14 @@ def peer(race):
     p.close()
 
 
-RACES = [  # ours, its tile fraction, SAELens's case, rounds, intra-op threads of both (0: torch's default)
-    pytest.param("relu_l0_32", None, "relu_l0_32", 5, 0, id="relu_l0_32"),
-    pytest.param("relu_init", None, "relu_init", 3, 0, id="relu_init"),
-    pytest.param("esosae_l0_32", None, "relu_l0_32", 5, 0, id="esosae_dual_l0_32-orth_auto"),
-    pytest.param("esosae_l0_32", 1.0, "relu_l0_32", 3, 0, id="esosae_dual_l0_32-orth_exact"),
-    pytest.param("relu_l0_32", None, "relu_l0_32", 5, 1, id="relu_l0_32-both_1_thread"),
+RACES = [  # ours, its tile fraction, our Adam fused?, SAELens's case, rounds, intra-op threads of both (0: default)
+    pytest.param("relu_l0_32", None, False, "relu_l0_32", 5, 0, id="relu_l0_32"),
+    pytest.param("relu_init", None, False, "relu_init", 3, 0, id="relu_init"),
+    pytest.param("esosae_l0_32", None, False, "relu_l0_32", 5, 0, id="esosae_dual_l0_32-orth_auto"),
+    pytest.param("esosae_l0_32", 1.0, False, "relu_l0_32", 3, 0, id="esosae_dual_l0_32-orth_exact"),
+    pytest.param("relu_l0_32", None, True, "relu_l0_32", 5, 0, id="relu_l0_32-our_adam_fused"),
+    pytest.param("esosae_l0_32", None, True, "relu_l0_32", 5, 0, id="esosae_dual_l0_32-orth_auto-our_adam_fused"),
+    pytest.param("relu_l0_32", None, False, "relu_l0_32", 5, 1, id="relu_l0_32-both_1_thread"),
 ]
 
 
@@ -131,9 +135,9 @@ class threads:
         torch.set_num_threads(self.old)
 
 
-@pytest.mark.parametrize("ours,fraction,theirs,rounds,n_threads", RACES)
-def test_race(benchmark, report, machine_info, race, peer, ours, fraction, theirs, rounds, n_threads):
-    run = race_data.Runner(race, ours, fraction)
+@pytest.mark.parametrize("ours,fraction,fused,theirs,rounds,n_threads", RACES)
+def test_race(benchmark, report, machine_info, race, peer, ours, fraction, fused, theirs, rounds, n_threads):
+    run = race_data.Runner(race, ours, fraction, fused=fused)
     n_threads_both = n_threads or torch.get_num_threads()
     cfg = race_data.config(theirs)  # SAELens gets the single-layer run's λ and learning rate
     step = race_data.step_of(cfg)
@@ -157,7 +161,7 @@ def test_race(benchmark, report, machine_info, race, peer, ours, fraction, their
     t_ours, t_peer = benchmark.stats.stats.median, statistics.median(peer_times)
     out = res["out"]
     l0 = [(out[f"f{i}"] > 0).sum(1).float().mean().item() for i in range(1, run.model.layers + 1)]
-    info = {"threads_both": n_threads_both, "saelens_s": t_peer, "saelens_times_s": peer_times,
+    info = {"our_adam_fused": fused, "threads_both": n_threads_both, "saelens_s": t_peer, "saelens_times_s": peer_times,
             "saelens_l0": statistics.median(peer_l0),
             "ours_l0": l0, "saelens_version": peer.hello["sae_lens"], "saelens_threads": peer.hello["threads"]}
     benchmark.extra_info.update(machine_info, **info)
