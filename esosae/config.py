@@ -226,8 +226,8 @@ class TrainConfig:
     """Optimizer steps; tokens seen = steps × batch_size."""
     batch_size: int = 1024
     """Activations (tokens) per step."""
-    lr: float = 1e-3
-    """Peak Adam learning rate."""
+    lr: float | None = None
+    """Peak Adam learning rate (default: from the source, see AUTO_DEFAULTS)."""
     lr_warmup_fraction: float = 0.02
     """Fraction of training over which the learning rate rises linearly from 0."""
     lr_decay_fraction: float = 0.2
@@ -295,6 +295,8 @@ class TrainConfig:
             sae.k = max(1, round(sae.target_l0))
         if sae.l1_coeff is None:
             sae.l1_coeff = auto["l1_coeff_relu" if sae.arch == "relu" else "l1_coeff"]
+        if self.lr is None:
+            self.lr = auto["lr"]
         if sched.tau_final is None:
             sched.tau_final = auto["tau_final"]
             if sched.tau_final2 is None:  # an explicit τ_T alone keeps meaning "both layers"
@@ -346,11 +348,13 @@ AUTO_DEFAULTS: dict[str, dict[str, float]] = {
     # Calibrated on 600 steps × 1,024 tokens (docs/default_run.md): with one τ_T, layer 1
     # ends 7× sparser than layer 2 (its margins pin at μ_max while everything fires early),
     # so each layer gets its own τ_T.
-    "lm": {"m": 1152, "target_l0": 16.0, "l1_coeff": 0.5, "l1_coeff_relu": 2.0, "tau_final": 0.2,
+    "lm": {"lr": 1e-3, "m": 1152, "target_l0": 16.0, "l1_coeff": 0.5, "l1_coeff_relu": 2.0, "tau_final": 0.2,
            "tau_final2": 0.55},
-    # Planted dictionaries (esosae.sources.PRESETS): one feature per atom.
-    "easy": {"m": 256, "target_l0": 4.0, "l1_coeff": 0.05, "l1_coeff_relu": 0.05, "tau_final": 1.0},
-    "hard": {"m": 512, "target_l0": 8.0, "l1_coeff": 0.05, "l1_coeff_relu": 0.05, "tau_final": 1.0},
+    # Planted dictionaries (esosae.sources.PRESETS). The hard one (512 atoms in 64
+    # dimensions, power-law frequencies down to 0.2%) needs a 4x overcomplete dictionary
+    # and a larger step for any architecture to reach its rare atoms in 2,000 steps.
+    "easy": {"m": 256, "target_l0": 4.0, "l1_coeff": 0.05, "l1_coeff_relu": 1.0, "tau_final": 1.0, "lr": 1e-3},
+    "hard": {"m": 2048, "target_l0": 8.0, "l1_coeff": 0.05, "l1_coeff_relu": 1.0, "tau_final": 1.0, "lr": 5e-3},
 }
 """Defaults of the fields left as None, by source ('lm') or synthetic preset."""
 

@@ -13,6 +13,7 @@ and data-parallel ranks can each read their own disjoint shard of a global batch
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -41,6 +42,16 @@ class ActivationSource(Protocol):
     def describe(self) -> dict[str, Any]:
         """A JSON-able summary for config.json and summary.md."""
         ...
+
+
+def generator(*key: object) -> torch.Generator:
+    """A CPU generator seeded by a hash of ``key``, e.g. ("atoms", seed) or ("train", seed, step).
+
+    Hashing keeps every stream independent: seeding the planted atoms and the model's
+    initialization with the same integer would make the initial decoder equal the atoms.
+    """
+    digest = hashlib.sha256(repr(key).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 def expected_norm_scale(x: torch.Tensor) -> float:
@@ -75,7 +86,7 @@ class ArraySource:
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = generator("permutation", self.seed, epoch)
             self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
         return self._perm
 
@@ -110,6 +121,7 @@ class SyntheticSpec:
     l0: float
     power_law: bool
     noise: float
+    alpha: float = 1.0  # power-law exponent: p_i ∝ (i+1)^-alpha
 
 
 PRESETS = {
@@ -126,6 +138,7 @@ def spec_from_config(cfg: DataConfig) -> SyntheticSpec:
         l0=cfg.synthetic_l0 or base.l0,
         power_law=base.power_law,
         noise=cfg.synthetic_noise,
+        alpha=base.alpha,
     )
 
 
@@ -152,15 +165,15 @@ class SyntheticSource:
 
     def __init__(self, spec: SyntheticSpec, seed: int = 0, eval_rows: int = 8192):
         self.spec, self.seed, self.d, self.eval_rows = spec, seed, spec.d, eval_rows
-        g = torch.Generator().manual_seed(seed)
+        g = generator("atoms", seed)
         atoms = torch.randn(spec.atoms, spec.d, generator=g)
         self.atoms = atoms / atoms.norm(dim=1, keepdim=True)  # (n_atoms, d) unit rows
-        self.freqs = atom_frequencies(spec.atoms, spec.l0, spec.power_law)  # (n_atoms,)
+        self.freqs = atom_frequencies(spec.atoms, spec.l0, spec.power_law, spec.alpha)  # (n_atoms,)
         self._scale: float | None = None
 
     def sample(self, n: int, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
         """n samples and their codes (n, n_atoms) from the generator of ``stream``."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + stream + 7)
+        g = generator("sample", self.seed, stream)
         active = torch.rand(n, self.spec.atoms, generator=g) < self.freqs  # (n, n_atoms)
         mags = 0.5 + torch.rand(n, self.spec.atoms, generator=g)
         codes = active * mags

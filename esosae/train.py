@@ -34,7 +34,7 @@ from esosae.profiling import NO_RANGES, Ranges, StepTimer, dense_flops_per_token
 from esosae.reference import sample_tiles
 from esosae.runio import atomic_torch_save, atomic_write_text
 from esosae.sae import DualLayerSAE
-from esosae.sources import ActivationSource, SyntheticSource, atom_recovery, spec_from_config
+from esosae.sources import ActivationSource, SyntheticSource, atom_recovery, generator, spec_from_config
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -138,7 +138,7 @@ class StepState:
 
 def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
     """A generator that depends only on (seed, step, stream): resumable randomness."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 8 + stream)
+    return generator("train", seed, step, stream)
 
 
 def set_thresholds(model: DualLayerSAE, cfg: TrainConfig, step: int) -> tuple[float, float]:

@@ -20,7 +20,7 @@ def test_auto_defaults_follow_source_and_arch():
     easy = TrainConfig(data=DataConfig(source="synthetic", synthetic="easy"))
     assert (easy.sae.m1, easy.sae.m2, easy.sae.target_l0) == (256, 256, 4.0)
     topk = TrainConfig(data=DataConfig(source="synthetic", synthetic="hard"), sae=SAEConfig(arch="topk"))
-    assert (topk.sae.m1, topk.sae.m2, topk.sae.k) == (512, 0, 8)
+    assert (topk.sae.m1, topk.sae.m2, topk.sae.k, topk.lr) == (2048, 0, 8, 5e-3)
     explicit = TrainConfig(sae=SAEConfig(m1=100, l1_coeff=0.5), schedule=ScheduleConfig(tau_final=0.3))
     assert (explicit.sae.m1, explicit.sae.m2, explicit.sae.l1_coeff, explicit.schedule.tau_final) == (100, 100, 0.5, 0.3)
 
@@ -74,4 +74,4 @@ def test_cli_flags_resolve_auto_fields_against_the_final_source(tmp_path):
     file = tmp_path / "c.json"
     file.write_text('{"data": {"source": "synthetic", "synthetic": "hard"}, "sae": {"arch": "topk"}}')
     hard = parse(["--config", str(file), "--k", "6"])
-    assert (hard.sae.m1, hard.sae.m2, hard.sae.k) == (512, 0, 6)
+    assert (hard.sae.m1, hard.sae.m2, hard.sae.k) == (2048, 0, 6)
