@@ -174,5 +174,5 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"run directory: {run_dir}")
     print("  " + "  ".join(f"{k}={headline[k]:.4g}" for k in
-                           ("fvu", "l0_1", "l0_2", "dead_pct", "atom_recovery") if k in headline))
+                           ("fvu", "l0_1", "l0_2", "dead_pct", "ce_loss_recovered", "atom_recovery") if k in headline))
     return 0

@@ -373,12 +373,13 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, dist: Dist | None
             metrics_fh.close()
     if not is_main:
         return {}
-    return finish(model, cfg, source, run_dir, time.perf_counter() - t_start, ops)
+    return finish(model, cfg, source, run_dir, time.perf_counter() - t_start, ops, ranges, progress)
 
 
 def finish(model: DualLayerSAE, cfg: TrainConfig, source: ActivationSource, run_dir: Path,
-           wall_s: float, ops: Backend) -> dict[str, Any]:
-    """Save the final SAE, measure it on held-out data and write summary.md."""
+           wall_s: float, ops: Backend, ranges: Ranges = NO_RANGES, progress: bool = True) -> dict[str, Any]:
+    """Save the final SAE, measure it on held-out data, write summary.md and, unless
+    ``cfg.eval`` is off, run the evaluations (eval/*.json, plots/*.png)."""
     extra = {"tau_final": cfg.schedule.tau_final, "tau_final2": cfg.schedule.tau_final_2,
              "source": source.describe(), "steps": cfg.steps}
     model.save(run_dir / SAE_DIR, extra)
@@ -388,6 +389,14 @@ def finish(model: DualLayerSAE, cfg: TrainConfig, source: ActivationSource, run_
         headline["atom_recovery"] = rec
     headline["wall_s"] = wall_s
     atomic_write_text(run_dir / SUMMARY_FILE, summary_markdown(cfg, source, headline))
+    if cfg.eval:
+        from esosae.evals.run import run_all  # the evals import the language-model stack
+
+        with ranges("eval"):
+            results = run_all(run_dir, progress=progress)
+        ce = results.get("core", {}).get("eval_result_metrics", {}).get("model_performance_preservation", {})
+        if "ce_loss_score" in ce:
+            headline["ce_loss_recovered"] = ce["ce_loss_score"]
     return headline
 
 

@@ -125,3 +125,15 @@ def test_corrupt_checkpoint_is_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "step_00000004.pt" in err and "corrupt" in err
 
+
+
+def test_run_ends_with_its_evaluations(tmp_path, capsys):
+    run = tmp_path / "run"
+    tiny = [a for a in TINY if a != "--no-eval"]
+    assert main([*tiny, "--steps", "30", "--log-every", "2", "--out-dir", str(run)]) == 0
+    for name in ("eval/core.json", "eval/sparse_probing.json", "eval/curriculum.json",
+                 "plots/curriculum.png", "plots/sparse_probing.png"):
+        assert (run / name).is_file(), name
+    core = json.loads((run / "eval/core.json").read_text())["eval_result_metrics"]
+    summary = (run / "summary.md").read_text()
+    assert f"| fvu | {core['reconstruction_quality']['fvu']:.4g} |" in summary
