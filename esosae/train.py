@@ -105,7 +105,7 @@ def truncate_metrics(path: Path, before_step: int) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text().split("\n"):
         try:
             if json.loads(line)["step"] < before_step:
                 kept.append(line)

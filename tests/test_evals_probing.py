@@ -76,6 +76,18 @@ def test_builtin_datasets_cover_every_probing_file():
     assert set(tasks.BUILTIN) == set(EvalConfig().datasets)
 
 
+def test_every_builtin_file_reads():
+    for name, spec in tasks.BUILTIN.items():
+        assert len(tasks.read_rows(spec).texts) > 0, name
+
+
+def test_unicode_line_separators_stay_inside_a_row(tmp_path):
+    path = tmp_path / "p.jsonl"
+    rows = [{"text": f"w{i} \u2028 x\x85y \u2029 z", "label": "ab"[i % 2]} for i in range(8)]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert tasks.read_rows(tasks.resolve(str(path))).texts == [r["text"] for r in rows]
+
+
 @pytest.mark.parametrize("content, message", [
     ('{"text": "w1 w2", "label": "a"}\n{"text": "w3", "label": \n', "line 2: not valid JSON"),
     ('{"text": "w1 w2", "label": "a"}\n{"text": "w3"}\n', "line 2: no field 'label'"),

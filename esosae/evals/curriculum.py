@@ -53,7 +53,7 @@ class CurriculumError(UserError):
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The well-formed lines of ``metrics.jsonl`` (a torn last line from a crash is skipped)."""
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text().split("\n")
     except OSError as e:
         raise CurriculumError(f"cannot read {path} ({e.strerror or e}); is this a run directory?") from None
     records = []

@@ -186,7 +186,7 @@ def read_rows(spec: DatasetSpec) -> Rows:
     for f in spec.files:
         path = _file_path(f)
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = path.read_text(encoding="utf-8").split("\n")  # JSON Lines: only \n ends a row (not U+2028, U+0085)
         except (OSError, UnicodeDecodeError) as e:
             raise ProbingDataError(f"probing file {path} cannot be read as UTF-8 text ({e})") from None
         for n, line in enumerate(lines, 1):
