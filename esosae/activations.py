@@ -66,8 +66,10 @@ def _slug(text: str) -> str:
 
 
 def cache_folder(cfg: TrainConfig) -> Path:
-    """The folder of the cache for this config's model, hook and dataset list."""
-    digest = hashlib.sha256(cfg.data.dataset.encode()).hexdigest()[:10]
+    """The folder of the cache for this config's model, hook, dataset list and token counts
+    (caches of different sizes, e.g. a quick grid's and the default run's, live side by side)."""
+    key = f"{cfg.data.dataset}|{cfg.data.harvest_tokens}|{cfg.data.eval_tokens}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     name = f"{_slug(cfg.model.model)}__{_slug(cfg.model.hook)}__{digest}"
     return cache_root(cfg.model.cache_dir) / "activations" / name
 

@@ -99,14 +99,25 @@ def test_concurrent_builds_harvest_once(tmp_path, tiny, monkeypatch):
 def test_mismatch_rebuilds_with_a_message(tmp_path, tiny, capsys):
     cfg = tiny_cfg(tmp_path)
     build(cfg)
-    cfg.data.harvest_tokens = 300
-    assert len(build(cfg).train) == 300
-    assert "built for harvest_tokens=400 (now 300); rebuilding" in capsys.readouterr().err
+    cfg.data.context_size = 12
+    build(cfg)
+    assert "built for context_size=16 (now 12); rebuilding" in capsys.readouterr().err
     with open(cfg.data.dataset, "a") as fh:
         fh.write("w1 w2 w3\n")
     build(cfg)
     assert "other dataset files" in capsys.readouterr().err
     assert leftovers(cfg) == [activations.cache_folder(cfg).name]
+
+
+def test_caches_of_other_sizes_live_side_by_side(tmp_path, tiny, capsys):
+    cfg = tiny_cfg(tmp_path)
+    build(cfg)
+    cfg.data.harvest_tokens = 300
+    assert len(build(cfg).train) == 300
+    assert len(leftovers(cfg)) == 2
+    cfg.data.harvest_tokens = 400
+    assert len(build(cfg).train) == 400
+    assert "rebuilding" not in capsys.readouterr().err
 
 
 def test_truncated_chunk_is_detected_and_rebuilt_identically(tmp_path, tiny, capsys):
@@ -155,12 +166,12 @@ def test_interrupted_rebuild_keeps_the_old_cache_and_stale_temps_are_removed(tmp
     stale = folder.parent / f".{folder.name}.killed.tmp"
     stale.mkdir()
     (stale / activations.PID_FILE).write_text(dead.stdout.strip())
-    cfg.data.harvest_tokens = 300
+    cfg.data.context_size = 12
     monkeypatch.setattr(activations, "hook_activations", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         build(cfg)
     assert leftovers(cfg) == [folder.name]
-    cfg.data.harvest_tokens = 400
+    cfg.data.context_size = 16
     assert all(torch.equal(a, b) for a, b in zip(old, snapshot(build(cfg))))
 
 
