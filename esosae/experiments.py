@@ -1,0 +1,316 @@
+"""``python -m esosae.experiments``: the comparison grid of METHOD.md §8, then its report.
+
+    python -m esosae.experiments                       # the full grid: lm, easy, hard
+    python -m esosae.experiments --quick               # ten tiny runs on the embedded model
+    python -m esosae.experiments --runs 0,2 --sources lm --out experiments/two
+
+Layout of ``--out``::
+
+    grid.json                               the budgets, seed and evaluation settings
+    <source>/runNN_<name>/calibration.json  the knob's tries, the chosen one, status
+    <source>/runNN_<name>/tryK/             one train.py run directory per try
+    report.md, plots/*.png                  esosae.report, rewritten at every invocation
+
+Resumable at any point: finished runs are skipped (a rerun of a finished grid trains
+nothing and rewrites the report), an interrupted try resumes from its last checkpoint, and
+a run that failed is reported and skipped until ``--retry-failed``. Sources run one after
+another, or side by side in ``--jobs`` processes that split the CPU threads between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from esosae import calibrate, report
+from esosae.cli import OneLineParser
+from esosae.config import ConfigError
+from esosae.errors import UserError
+from esosae.evals.config import EvalConfig
+from esosae.grid import Budget, Variant, budgets, default_knob, select, train_config
+from esosae.runio import atomic_write_text
+
+PROG = "python -m esosae.experiments"
+GRID_FILE = "grid.json"
+CALIBRATION_FILE = "calibration.json"
+EVAL_FILES = ("core", "sparse_probing", "curriculum")
+SOURCES = ("lm", "easy", "hard")
+EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that must stay the same across invocations on one ``--out`` folder."""
+
+    grid: str
+    quick: bool
+    seed: int
+    max_tries: int
+    budgets: dict[str, Budget]
+    evals: EvalConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"grid": self.grid, "quick": self.quick, "seed": self.seed, "max_tries": self.max_tries,
+                "band": calibrate.BAND, "budgets": {k: asdict(b) for k, b in self.budgets.items()},
+                "evals": asdict(self.evals)}
+
+
+def eval_config(quick: bool) -> EvalConfig:
+    """The default evaluations; ``quick`` probes two datasets on a few hundred texts."""
+    if quick:
+        return EvalConfig(datasets=("sst2", "uci_sentiment"), train_size=200, test_size=100)
+    return EvalConfig()
+
+
+# -- one run: calibrate, then evaluate the chosen try --------------------------------------
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _save(path: Path, state: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(state, indent=1) + "\n")
+
+
+def train_try(v: Variant, b: Budget, knob: float, seed: int, try_dir: Path) -> dict[str, Any]:
+    """Train one try (resuming it if a checkpoint is there); the held-out headline metrics."""
+    from esosae.train import latest_checkpoint, run
+
+    cfg = train_config(v, b, knob, seed, str(try_dir))
+    resume = (try_dir / "config.json").is_file() and latest_checkpoint(try_dir) is not None
+    if not resume and try_dir.exists():
+        shutil.rmtree(try_dir)  # started, but nothing to resume from
+    return run(cfg, try_dir, resume=resume, progress=False)
+
+
+def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: float | None, say: Any) -> dict[str, Any]:
+    """Calibrate ``v`` on ``b`` (or pick up where an earlier invocation stopped), evaluate the
+    chosen try; returns the final calibration.json contents."""
+    from esosae.evals.run import run_all
+
+    path = vdir / CALIBRATION_FILE
+    state = _read(path) or {}
+    if state.get("status") != "done":
+        start = start_knob if start_knob is not None and v.knob == "tau_scale" else default_knob(v, b)
+        state = {"run": v.run, "name": v.name, "note": v.note, "variant": asdict(v), "source": b.source,
+                 "knob": v.knob, "target_l0": b.target_l0, "band": calibrate.BAND, "start": start,
+                 "attempts": state.get("attempts", []), "chosen": None, "status": "training"}
+    while state["status"] == "training":
+        attempts = [calibrate.Attempt(a["knob"], a["l0"]) for a in state["attempts"]]
+        if attempts and (calibrate.in_band(attempts[-1].l0, b.target_l0) or v.knob == "k"
+                         or len(attempts) >= s.max_tries):
+            state["chosen"] = calibrate.best(attempts, b.target_l0)
+            state["in_band"] = calibrate.in_band(attempts[state["chosen"]].l0, b.target_l0)
+            state["status"] = "evaluating"
+            break
+        knob = state["start"] if not attempts else calibrate.next_knob(v.knob, attempts, b.target_l0)
+        name = f"try{len(attempts)}"
+        say(f"{v.slug}: {name}, {v.knob} = {knob:.4g} ({b.steps} steps × {b.batch_size})")
+        t0 = time.perf_counter()
+        h = train_try(v, b, knob, s.seed, vdir / name)
+        state["attempts"].append({"try": name, "knob": knob, "l0": h["l0"], "l0_1": h.get("l0_1"),
+                                  "l0_2": h.get("l0_2"), "fvu": h["fvu"], "wall_s": time.perf_counter() - t0})
+        _save(path, state)
+        say(f"{v.slug}: {name} → L0 {h['l0']:.1f} (target {b.target_l0:g} ± {calibrate.BAND:.0%}), "
+            f"FVU {h['fvu']:.3f}, {time.perf_counter() - t0:.0f} s")
+    chosen = vdir / state["attempts"][state["chosen"]]["try"]
+    missing = [e for e in EVAL_FILES if not (chosen / "eval" / f"{e}.json").is_file()]
+    if missing:
+        t0 = time.perf_counter()
+        run_all(chosen, progress=False, config=s.evals)
+        say(f"{v.slug}: evaluated {chosen.name} ({time.perf_counter() - t0:.0f} s)")
+    state["status"] = "done"
+    _save(path, state)
+    return state
+
+
+def run_source(source: str, variants: tuple[Variant, ...], s: Settings, out: Path, retry_failed: bool,
+               threads: int | None) -> dict[str, str]:
+    """Every variant of one source, in order; {slug: 'done' | 'failed' | 'interrupted'}."""
+    from esosae.train import Interrupted
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    b = s.budgets[source]
+    result: dict[str, str] = {}
+
+    def say(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')} {source}] {msg}", flush=True)
+
+    for i, v in enumerate(variants, 1):
+        vdir = out / source / v.slug
+        vdir.mkdir(parents=True, exist_ok=True)
+        state = _read(vdir / CALIBRATION_FILE) or {}
+        if state.get("status") == "failed" and not retry_failed:
+            say(f"{v.slug} ({i}/{len(variants)}): failed earlier, skipped (--retry-failed to rerun): {state['error']}")
+            result[v.slug] = "failed"
+            continue
+        ref = _read(out / source / "run02_esosae" / CALIBRATION_FILE) if v.run > 2 else None
+        start = (ref["attempts"][ref["chosen"]]["knob"] if ref and ref.get("status") == "done" else None)
+        if state.get("status") != "done":
+            say(f"{v.slug} ({i}/{len(variants)}): {v.note}")
+        try:
+            run_variant(v, b, s, vdir, start, say)
+            result[v.slug] = "done"
+        except UserError:
+            raise  # bad input (model, dataset, cache): the same for every run; one line, exit 2
+        except (Interrupted, KeyboardInterrupt):
+            say(f"{v.slug}: interrupted; rerun the same command to continue")
+            result[v.slug] = "interrupted"
+            break
+        except Exception as e:  # one broken run must not stop the grid: record it, go on
+            state = _read(vdir / CALIBRATION_FILE) or {"run": v.run, "name": v.name, "attempts": []}
+            state.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0],
+                         traceback=traceback.format_exc())
+            _save(vdir / CALIBRATION_FILE, state)
+            say(f"{v.slug}: FAILED ({state['error']}); continuing")
+            result[v.slug] = "failed"
+    return result
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog=PROG, description="Run the METHOD.md §8 comparison grid and write its report.")
+    p.add_argument("--grid", default="method", help="Which grid (default: method, the ten runs of METHOD.md §8).")
+    p.add_argument("--out", help="Output folder (default: experiments/method, or experiments/quick with --quick).")
+    p.add_argument("--quick", action="store_true", help="Tiny budgets: the ten runs in minutes on 2 CPU cores.")
+    p.add_argument("--tokens", type=int, help="Training tokens per language-model run (default: 614,400).")
+    p.add_argument("--synthetic-steps", type=int, help="Steps per planted-source run (default: 2,000).")
+    p.add_argument("--sources", default=None,
+                   help="Comma list of lm, easy, hard (default: all three; lm alone with --quick).")
+    p.add_argument("--runs", default=None, help="Comma list of run numbers (default: all).")
+    p.add_argument("--seed", type=int, default=0, help="Seed of every run (run 9 adds 1).")
+    p.add_argument("--max-tries", type=int, default=None, help="Calibration tries per run (default: 3; 2 with --quick).")
+    p.add_argument("--jobs", type=int, default=1, help="Sources trained side by side, each on cores/jobs threads.")
+    p.add_argument("--retry-failed", action="store_true", help="Rerun runs that failed in an earlier invocation.")
+    return p
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes a comma list of integers (got {text!r})") from None
+
+
+def prepare(argv: list[str]) -> tuple[Settings, Path, list[str], tuple[Variant, ...], argparse.Namespace]:
+    """Parse and check everything; writes nothing."""
+    ns = build_parser().parse_args(argv)
+    sources = [t.strip() for t in (ns.sources or ("lm" if ns.quick else ",".join(SOURCES))).split(",") if t.strip()]
+    bad = [t for t in sources if t not in SOURCES]
+    if bad or not sources:
+        raise ConfigError(f"--sources takes a comma list of {', '.join(SOURCES)} (got {ns.sources!r})")
+    variants = select(ns.grid, _int_list(ns.runs, "--runs") if ns.runs else None)
+    if ns.jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1 (got {ns.jobs})")
+    max_tries = ns.max_tries if ns.max_tries is not None else (2 if ns.quick else 3)
+    if max_tries < 1:
+        raise ConfigError(f"--max-tries must be >= 1 (got {max_tries})")
+    s = Settings(ns.grid, ns.quick, ns.seed, max_tries, budgets(ns.quick, ns.tokens, ns.synthetic_steps),
+                 eval_config(ns.quick))
+    out = Path(ns.out or f"experiments/{'quick' if ns.quick else ns.grid}")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder")
+    old = _read(out / GRID_FILE)
+    if old is None and (out / GRID_FILE).exists():
+        raise ConfigError(f"{out / GRID_FILE} is not valid JSON; delete it (or the folder) to start over")
+    if old is not None:
+        new = json.loads(json.dumps(s.to_dict()))
+        diff = [k for k in ("grid", "quick", "seed", "max_tries", "evals") if old.get(k) != new[k]]
+        diff += [f"budgets.{src}" for src in sources if src in old.get("budgets", {})
+                 and old["budgets"][src] != new["budgets"][src]]
+        if diff:
+            raise ConfigError(f"{out} holds a grid run with other settings ({', '.join(diff)}); "
+                              "use another --out or the same flags as before")
+    return s, out, sources, variants, ns
+
+
+def machine() -> dict[str, Any]:
+    """The CPU (as /proc/cpuinfo names it), its cores, torch, and the GPU if any."""
+    cpu = platform.processor() or "?"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "gpu": gpu}
+
+
+def record_invocation(out: Path, s: Settings, argv: list[str], wall_s: float | None = None) -> None:
+    """grid.json: the settings, and every invocation's command, machine, date and wall time."""
+    old = _read(out / GRID_FILE) or {}
+    d = s.to_dict()
+    d["budgets"] = {**old.get("budgets", {}), **d["budgets"]}
+    calls = old.get("invocations", [])
+    if wall_s is None:
+        calls.append({"command": " ".join([PROG, *argv]), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                      "machine": machine(), "wall_s": None})
+    else:
+        calls[-1]["wall_s"] = wall_s
+    d["invocations"] = calls
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / GRID_FILE, json.dumps(d, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        s, out, sources, variants, ns = prepare(argv)
+    except UserError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    record_invocation(out, s, argv)
+    t0 = time.perf_counter()
+    results: dict[str, dict[str, str]] = {}
+    jobs = min(ns.jobs, len(sources))
+    interrupted = False
+    try:
+        if jobs == 1:
+            for src in sources:
+                results[src] = run_source(src, variants, s, out, ns.retry_failed, None)
+                if "interrupted" in results[src].values():
+                    break
+        else:
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
+                futs = {src: pool.submit(run_source, src, variants, s, out, ns.retry_failed, threads)
+                        for src in sources}
+                results = {src: f.result() for src, f in futs.items()}
+    except KeyboardInterrupt:
+        interrupted = True
+    except UserError as e:  # e.g. the language model or dataset cannot be found: same for every run
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    record_invocation(out, s, argv, time.perf_counter() - t0)
+    path = report.write_report(out)
+    states = [st for r in results.values() for st in r.values()]
+    print(f"report: {path} ({time.perf_counter() - t0:.0f} s; "
+          f"{states.count('done')} done, {states.count('failed')} failed)")
+    if interrupted or "interrupted" in states:
+        print(f"{PROG}: interrupted; rerun the same command to finish the remaining runs", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED if "failed" in states else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

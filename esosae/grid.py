@@ -1,0 +1,171 @@
+"""The experiment grid of METHOD.md §8: ten variants, three sources, one budget each.
+
+Every run of a source sees the same tokens, data seed and token budget; run 9 alone
+changes the initialization seed (the consistency check of run 2). The comparison is at a
+matched total L0 (L0_1 + L0_2): each run's sparsity knob is calibrated to land within
+±20% of ``Budget.target_l0`` (see ``esosae.calibrate``):
+
+- E-SOSAE runs (2–9): a factor c on both layers' τ_T (their ratio, the default run's
+  0.2 / 0.55 on the language model, is kept), each layer targeting half the total L0;
+- the vanilla ReLU + L1 baseline (0): λ;
+- TopK (1): k = the total target, which fixes L0 exactly (no sweep).
+
+The single-layer baselines get the width of both E-SOSAE layers together (m1 + m2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from esosae.config import AUTO_DEFAULTS, ConfigError, TrainConfig
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of METHOD.md §8."""
+
+    run: int
+    name: str
+    arch: str = "esosae"
+    schedule: str = "exp"
+    margins: str = "adaptive"
+    clamp_margins: bool = True
+    gamma_warmup: str = "synced"
+    orthogonality: bool = True
+    seed_offset: int = 0
+    note: str = ""
+
+    @property
+    def slug(self) -> str:
+        return f"run{self.run:02d}_{self.name}"
+
+    @property
+    def knob(self) -> str:
+        """The sparsity knob the calibration moves: 'tau_scale', 'l1_coeff' or 'k'."""
+        return {"esosae": "tau_scale", "relu": "l1_coeff", "topk": "k"}[self.arch]
+
+
+METHOD_GRID: tuple[Variant, ...] = (
+    Variant(0, "relu", arch="relu", note="vanilla ReLU + L1 baseline (θ = 0)"),
+    Variant(1, "topk", arch="topk", note="TopK baseline (k = target L0)"),
+    Variant(2, "esosae", note="full E-SOSAE"),
+    Variant(3, "linear", schedule="linear", note="schedule ablation"),
+    Variant(4, "const", schedule="const", note="no curriculum"),
+    Variant(5, "unclamped", clamp_margins=False, note="clamping ablation"),
+    Variant(6, "fixed_mu", margins="fixed", note="adaptation ablation (μ = 1)"),
+    Variant(7, "gamma_linear", gamma_warmup="linear", note="unsynchronized γ warmup"),
+    Variant(8, "no_orth", orthogonality=False, note="no orthogonality (γ = 0)"),
+    Variant(9, "esosae_seed1", seed_offset=1, note="second seed of run 2 (consistency)"),
+)
+GRIDS = {"method": METHOD_GRID}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every run of one source trains on, and the matched total L0 it aims at."""
+
+    source: str
+    """'lm' (the language model's cached activations) or a synthetic preset: 'easy', 'hard'."""
+    steps: int
+    batch_size: int
+    m: int
+    """Width of each E-SOSAE layer; the single-layer baselines get 2·m."""
+    target_l0: float
+    """Matched total L0 (both layers together) of every run."""
+    harvest_tokens: int | None = None
+    eval_tokens: int | None = None
+    lr: float | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.batch_size
+
+
+def budgets(quick: bool, tokens: int | None = None, synthetic_steps: int | None = None) -> dict[str, Budget]:
+    """Per-source budgets: the full grid (the default run's budget on the language model,
+    2·target widths on the planted sources, whose total L0 is the planted one) or ``quick``
+    (a tiny grid that exercises everything in a few minutes on 2 CPU cores)."""
+    if quick:
+        full = {
+            # 4 per layer at m = 128: a target rate the margins' band can act on
+            "lm": Budget("lm", 40, 256, 128, 8.0, harvest_tokens=16_384, eval_tokens=2_048),
+            "easy": Budget("easy", 100, 256, 128, 4.0),
+            "hard": Budget("hard", 100, 256, 256, 8.0),
+        }
+    else:
+        full = {
+            "lm": Budget("lm", 600, 1024, int(AUTO_DEFAULTS["lm"]["m"]), 2 * AUTO_DEFAULTS["lm"]["target_l0"]),
+            "easy": Budget("easy", 2000, 1024, 256, 4.0),
+            "hard": Budget("hard", 2000, 1024, 1024, 8.0),
+        }
+    if tokens is not None:
+        b = full["lm"]
+        if tokens < b.batch_size:
+            raise ConfigError(f"--tokens must be at least one batch ({b.batch_size}); got {tokens}")
+        full["lm"] = dataclasses.replace(b, steps=tokens // b.batch_size)
+    if synthetic_steps is not None:
+        if synthetic_steps <= 0:
+            raise ConfigError(f"--synthetic-steps must be > 0; got {synthetic_steps}")
+        for s in ("easy", "hard"):
+            full[s] = dataclasses.replace(full[s], steps=synthetic_steps)
+    return full
+
+
+def default_knob(v: Variant, b: Budget) -> float:
+    """The knob's starting value: the source's defaults (TopK: the target itself)."""
+    key = "lm" if b.source == "lm" else b.source
+    if v.knob == "tau_scale":
+        return 1.0
+    if v.knob == "l1_coeff":
+        return float(AUTO_DEFAULTS[key]["l1_coeff_relu"])
+    return float(round(b.target_l0))
+
+
+def train_config(v: Variant, b: Budget, knob: float, seed: int, run_dir: str) -> TrainConfig:
+    """The TrainConfig of variant ``v`` at knob value ``knob``; evaluation is the grid's job."""
+    key = "lm" if b.source == "lm" else b.source
+    auto = AUTO_DEFAULTS[key]
+    data: dict[str, Any] = {"source": "lm" if b.source == "lm" else "synthetic"}
+    if b.source != "lm":
+        data["synthetic"] = b.source
+    if b.harvest_tokens is not None:
+        data["harvest_tokens"] = b.harvest_tokens
+    if b.eval_tokens is not None:
+        data["eval_tokens"] = b.eval_tokens
+    sae: dict[str, Any] = {"arch": v.arch}
+    schedule: dict[str, Any] = {"schedule": v.schedule, "gamma_warmup": v.gamma_warmup}
+    if v.arch == "esosae":
+        tau1 = auto["tau_final"] * knob
+        tau2 = auto.get("tau_final2", auto["tau_final"]) * knob
+        sae.update(m1=b.m, m2=b.m, target_l0=b.target_l0 / 2, margins=v.margins, clamp_margins=v.clamp_margins,
+                   gamma_max=1.0 if v.orthogonality else 0.0)
+        schedule.update(tau_final=tau1, tau_final2=tau2)
+    else:
+        sae.update(m1=2 * b.m, m2=0, target_l0=b.target_l0)
+        if v.arch == "relu":
+            sae["l1_coeff"] = knob
+        else:
+            sae["k"] = int(round(knob))
+    d: dict[str, Any] = {"data": data, "sae": sae, "schedule": schedule, "steps": b.steps,
+                         "batch_size": b.batch_size, "seed": seed + v.seed_offset, "eval": False,
+                         "log_every": max(1, b.steps // 100), "checkpoint_every": max(1, b.steps // 6),
+                         "out_dir": run_dir}
+    if b.lr is not None:
+        d["lr"] = b.lr
+    return TrainConfig.from_dict(d)
+
+
+def select(grid: str, runs: list[int] | None) -> tuple[Variant, ...]:
+    if grid not in GRIDS:
+        raise ConfigError(f"--grid {grid!r} is unknown; choose one of {', '.join(GRIDS)}")
+    variants = GRIDS[grid]
+    if runs is None:
+        return variants
+    known = {v.run for v in variants}
+    bad = sorted(set(runs) - known)
+    if bad:
+        raise ConfigError(f"--runs {','.join(map(str, bad))}: the {grid} grid has runs "
+                          f"{min(known)}–{max(known)}")
+    return tuple(v for v in variants if v.run in set(runs))
