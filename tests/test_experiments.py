@@ -160,3 +160,19 @@ def test_same_folder_with_other_settings_is_refused(tmp_path, monkeypatch, capsy
 
 def test_select_keeps_grid_order():
     assert [v.run for v in select("method", [9, 0, 2])] == [0, 2, 9]
+
+
+@pytest.mark.slow
+def test_quick_grid_two_runs_on_the_embedded_model(tmp_path, capsys):
+    """A 2-run subset of ``--quick`` end to end: SmolLM2 activations, calibration, the evals."""
+    out = tmp_path / "q"
+    assert experiments.main(["--quick", "--runs", "1,2", "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    rows = core_rows(text)
+    assert sorted(rows) == [1, 2]
+    for slug in ("run01_topk", "run02_esosae"):
+        core = json.loads((chosen_dir(out / "lm" / slug) / "eval/core.json").read_text())["eval_result_metrics"]
+        ce = core["model_performance_preservation"]["ce_loss_score"]
+        assert 0 < ce <= 1.05 and report.fmt(ce) in text
+    assert "| llm | the model's own units |" in text
+    assert "2 done, 0 failed" in capsys.readouterr().out
