@@ -194,14 +194,15 @@ def build_parser() -> OneLineParser:
     p.add_argument("--grid", default="method", help="Which grid (default: method, the ten runs of METHOD.md §8).")
     p.add_argument("--out", help="Output folder (default: experiments/method, or experiments/quick with --quick).")
     p.add_argument("--quick", action="store_true", help="Tiny budgets: the ten runs in minutes on 2 CPU cores.")
-    p.add_argument("--tokens", type=int, help="Training tokens per language-model run (default: 614,400).")
-    p.add_argument("--synthetic-steps", type=int, help="Steps per planted-source run (default: 2,000).")
+    p.add_argument("--tokens", type=int, help="Training tokens per language-model run (default: 307,200).")
+    p.add_argument("--synthetic-steps", type=int, help="Steps per planted-source run (default: 1,000).")
     p.add_argument("--sources", default=None,
                    help="Comma list of lm, easy, hard (default: all three; lm alone with --quick).")
     p.add_argument("--runs", default=None, help="Comma list of run numbers (default: all).")
     p.add_argument("--seed", type=int, default=0, help="Seed of every run (run 9 adds 1).")
     p.add_argument("--max-tries", type=int, default=None, help="Calibration tries per run (default: 3; 2 with --quick).")
-    p.add_argument("--jobs", type=int, default=1, help="Sources trained side by side, each on cores/jobs threads.")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="Sources trained side by side, each on cores/jobs threads (default: 2, or 1 on one core).")
     p.add_argument("--retry-failed", action="store_true", help="Rerun runs that failed in an earlier invocation.")
     return p
 

@@ -84,9 +84,14 @@ class Budget:
 
 
 def budgets(quick: bool, tokens: int | None = None, synthetic_steps: int | None = None) -> dict[str, Budget]:
-    """Per-source budgets: the full grid (the default run's budget on the language model,
-    2·target widths on the planted sources, whose total L0 is the planted one) or ``quick``
-    (a tiny grid that exercises everything in a few minutes on 2 CPU cores)."""
+    """Per-source budgets: the full grid or ``quick`` (a tiny grid that exercises everything
+    in a few minutes on 2 CPU cores).
+
+    The full grid fits 90 minutes on 2 CPU cores: on the language model, the default run's
+    widths and L0 (16 + 16 of 1,152 + 1,152) at half its tokens (300 steps × 1,024, one pass
+    over the 300k-token cache); on the planted sources, 1,000 steps × 1,024 at a total L0
+    equal to the planted one.
+    """
     if quick:
         full = {
             # 4 per layer at m = 128: a target rate the margins' band can act on
@@ -96,9 +101,9 @@ def budgets(quick: bool, tokens: int | None = None, synthetic_steps: int | None 
         }
     else:
         full = {
-            "lm": Budget("lm", 600, 1024, int(AUTO_DEFAULTS["lm"]["m"]), 2 * AUTO_DEFAULTS["lm"]["target_l0"]),
-            "easy": Budget("easy", 2000, 1024, 256, 4.0),
-            "hard": Budget("hard", 2000, 1024, 1024, 8.0),
+            "lm": Budget("lm", 300, 1024, int(AUTO_DEFAULTS["lm"]["m"]), 2 * AUTO_DEFAULTS["lm"]["target_l0"]),
+            "easy": Budget("easy", 1000, 1024, 256, 4.0),
+            "hard": Budget("hard", 1000, 1024, 1024, 8.0),
         }
     if tokens is not None:
         b = full["lm"]

@@ -19,7 +19,7 @@ from esosae.evals.config import EvalConfig
 from esosae.evals.planted import planted_probing
 from esosae.evals.run import run_all
 from esosae.sae import DualLayerSAE
-from esosae.sources import SyntheticSource, spec_from_config
+from esosae.sources import PRESETS, SyntheticSource, spec_from_config
 from esosae.train import build, train_step
 
 SMALL = EvalConfig(train_size=60, test_size=24, k_values=(1, 2, 50), context_size=12)
@@ -183,6 +183,19 @@ def test_planted_atom_is_found_by_top1_probe_of_trained_sae_only():
     assert len(trained) == cfg.planted_atoms and all(r["n_test"] == 400 for r in trained.values())
     assert top1["trained"] >= 0.95, top1
     assert top1["untrained"] <= 0.65, top1
+
+
+def test_power_law_source_probes_only_atoms_with_negatives():
+    """The hard preset's first atom is in every sample; the probed atoms are the first ones
+    active in at most half of the samples, and every task is balanced."""
+    source = SyntheticSource(PRESETS["hard"], seed=0)
+    model, _ = build(TrainConfig.from_dict({"data": {"source": "synthetic", "synthetic": "hard"},
+                                            "sae": {"m1": 16, "m2": 16}}), source, torch.device("cpu"))
+    res = planted_probing(model, source, EvalConfig(k_values=(1,), train_size=40, test_size=20,
+                                                    planted_atoms=3))["planted_atoms"]
+    expected = [j for j in range(512) if 0 < source.freqs[j] <= 0.5][:3]
+    assert list(res) == [f"atom_{j}" for j in expected] and expected[0] > 0
+    assert all(r["n_train"] == 40 and r["n_test"] == 20 for r in res.values())
 
 
 # -- a language-model run end to end -------------------------------------------------------

@@ -56,7 +56,7 @@ def test_run_configs_follow_method_section_8():
     assert (cfgs[5].sae.clamp_margins, cfgs[6].sae.margins) == (False, "fixed")
     assert (cfgs[7].schedule.gamma_warmup, cfgs[8].sae.gamma_max, cfgs[2].sae.gamma_max) == ("linear", 0.0, 1.0)
     assert {cfgs[r].seed for r in range(9)} == {3} and cfgs[9].seed == 4
-    assert {(c.steps, c.batch_size, c.data.data_seed, c.eval) for c in cfgs.values()} == {(600, 1024, 0, False)}
+    assert {(c.steps, c.batch_size, c.data.data_seed, c.eval) for c in cfgs.values()} == {(300, 1024, 0, False)}
 
 
 @pytest.mark.parametrize("argv, message", [

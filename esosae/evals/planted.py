@@ -1,7 +1,9 @@
 """Sparse probing on a synthetic source: is planted atom j active in a sample?
 
 A synthetic run has no texts and no language model, so its probing tasks are the planted
-dictionary's own ground truth: for each of the first ``planted_atoms`` atoms, one balanced
+dictionary's own ground truth: for each of the first ``planted_atoms`` atoms that are
+active in at most half of the samples (a power-law source's first atom is in every
+sample, which leaves no negatives), one balanced
 binary task whose positives are samples where the atom is active. Each sample is one
 "text" of one token (nothing to pool). The ``llm`` rows probe the raw input dimensions of
 x, the ``sae`` rows the SAE's features [f1, f2]; everything else is probing.py's method.
@@ -41,9 +43,10 @@ def _draw(atom_active: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
 
 @torch.no_grad()
 def planted_probing(sae: DualLayerSAE, source: SyntheticSource, cfg: EvalConfig) -> dict[str, dict[str, dict]]:
-    """{"planted_atoms": {"atom_j": llm and sae metrics}} for the first ``planted_atoms`` atoms."""
-    atoms = min(cfg.planted_atoms, source.spec.atoms)
-    rarest = float(source.freqs[:atoms].min())
+    """{"planted_atoms": {"atom_j": llm and sae metrics}} for the first ``planted_atoms`` atoms
+    that fire on at most half of the samples."""
+    probed = torch.nonzero((source.freqs > 0) & (source.freqs <= 0.5)).flatten()[:cfg.planted_atoms].tolist()
+    rarest = float(source.freqs[probed].min())
     half_train, half_test = cfg.train_size // 2, cfg.test_size // 2
     n = [min(MAX_SAMPLES, math.ceil(2 * half / rarest)) for half in (half_train, half_test)]
     x_train, codes_train = source.sample(n[0], TRAIN_STREAM)  # (n_train, d), (n_train, n_atoms)
@@ -54,7 +57,7 @@ def planted_probing(sae: DualLayerSAE, source: SyntheticSource, cfg: EvalConfig)
                    for i in range(0, len(x), cfg.sae_batch)]).numpy()  # (N, m1 + m2)
     X = x.numpy()
     results = {}
-    for j in range(atoms):
+    for j in probed:
         train, train_y = _draw((codes_train[:, j] > 0).numpy(), half_train)
         test, test_y = _draw((codes_test[:, j] > 0).numpy(), half_test)
         task = Task(f"atom_{j}", train, train_y, test + n[0], test_y)
