@@ -56,3 +56,15 @@ def test_two_gloo_ranks_match_one_process_and_resume_on_one(tmp_path):
     assert latest_checkpoint(ddp_run) == checkpoint_path(ddp_run, 10)
     assert main(["--resume", str(ddp_run)]) == 0
     assert_close(weights(latest_checkpoint(ddp_run)), weights(latest_checkpoint(single_run)))
+
+
+def test_a_failing_rank_ends_every_rank_and_leaves_whole_checkpoints(tmp_path):
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ESOSAE_FAIL_AT": "1:13"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE / "ddp_worker.py"), str(tmp_path), *ARGS, "--out-dir", str(run)]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "RuntimeError: injected failure on rank 1 at step 13" in proc.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000010.pt"]
+    assert main(["--resume", str(run)]) == 0  # the last whole checkpoint resumes
