@@ -293,6 +293,9 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, dist: Dist | None
     Under torchrun (``dist`` given) rank 0 alone builds caches and writes files; every
     rank reads its own shard of each global batch.
     """
+    if dist is not None and cfg.batch_size % dist.world:
+        raise RunError(f"--batch-size {cfg.batch_size} is the global batch and must divide by the "
+                       f"{dist.world} ranks; use a multiple of {dist.world}")
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device) if dist is None else dist.device
     ranges = Ranges(cfg.profile == "nvtx")

@@ -68,3 +68,14 @@ def test_a_failing_rank_ends_every_rank_and_leaves_whole_checkpoints(tmp_path):
     assert "RuntimeError: injected failure on rank 1 at step 13" in proc.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000010.pt"]
     assert main(["--resume", str(run)]) == 0  # the last whole checkpoint resumes
+
+
+def test_global_batch_that_does_not_split_over_ranks_is_one_line(tmp_path):
+    args = [a if a != "64" else "63" for a in ARGS]  # --batch-size 63 over 2 ranks
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HERE / "ddp_worker.py"), str(tmp_path), *args, "--out-dir", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("--batch-size 63 is the global batch and must divide by the 2 ranks") == 1
+    assert not any((tmp_path / "ddp").glob("checkpoints/*"))
