@@ -203,7 +203,7 @@ def consistency_tables(runs: list[Run]) -> list[str]:
         per_task_b = {d["dataset_name"]: d for d in b.probing_details}
         tasks = sorted(set(per_task_a) & set(per_task_b))
         seed_rows = []
-        for label, fn in (("std of the mean AUC", None), ("mean over tasks of the per-task std", 1)):
+        for label, fn in (("std of the mean AUC", None), ("mean over datasets of the per-dataset std", 1)):
             row: list[Any] = [label]
             for k in keys:
                 key = f"sae_{k}test_auc"
