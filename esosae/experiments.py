@@ -257,20 +257,24 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "gpu": gpu}
 
 
-def record_invocation(out: Path, s: Settings, argv: list[str], wall_s: float | None = None) -> None:
-    """grid.json: the settings, and every invocation's command, machine, date and wall time."""
+def record_invocation(out: Path, s: Settings, argv: list[str], index: int | None = None,
+                      wall_s: float | None = None) -> int:
+    """grid.json: the settings, and every invocation's command, machine, date and wall time.
+    A new invocation is appended (returns its index); ``index`` fills in its wall time."""
     old = _read(out / GRID_FILE) or {}
     d = s.to_dict()
     d["budgets"] = {**old.get("budgets", {}), **d["budgets"]}
     calls = old.get("invocations", [])
-    if wall_s is None:
+    if index is None:
         calls.append({"command": " ".join([PROG, *argv]), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                       "machine": machine(), "wall_s": None})
+        index = len(calls) - 1
     else:
-        calls[-1]["wall_s"] = wall_s
+        calls[index]["wall_s"] = wall_s
     d["invocations"] = calls
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / GRID_FILE, json.dumps(d, indent=1) + "\n")
+    return index
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    record_invocation(out, s, argv)
+    me = record_invocation(out, s, argv)
     t0 = time.perf_counter()
     results: dict[str, dict[str, str]] = {}
     jobs = min(ns.jobs, len(sources))
@@ -302,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:  # e.g. the language model or dataset cannot be found: same for every run
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    record_invocation(out, s, argv, time.perf_counter() - t0)
+    record_invocation(out, s, argv, me, time.perf_counter() - t0)
     path = report.write_report(out)
     states = [st for r in results.values() for st in r.values()]
     print(f"report: {path} ({time.perf_counter() - t0:.0f} s; "
