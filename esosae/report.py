@@ -334,7 +334,7 @@ def fvu_l0_plot(runs: list[Run], path: Path, title: str) -> bool:
         ax.annotate(f"{r.run}: {r.cal.get('name')}", (l0, fvu), fontsize=8, xytext=(4, 2), textcoords="offset points")
     target = done[0].cal.get("target_l0")
     if target:
-        ax.axvspan(target * 0.8, target * 1.2, color="0.9", label="target L0 ± 20%")
+        ax.axvspan(target * 0.8, target * 1.2, color="0.9", label="target L0 ± 20%", zorder=0)
         ax.legend()
     ax.set_xlabel("held-out L0 (both layers)")
     ax.set_ylabel("held-out FVU")
