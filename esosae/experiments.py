@@ -13,7 +13,7 @@ Layout of ``--out``::
 
 Resumable at any point: finished runs are skipped (a rerun of a finished grid trains
 nothing and rewrites the report), an interrupted try resumes from its last checkpoint, and
-a run that failed is reported and skipped until ``--retry-failed``. Sources run one after
+a run that failed is reported and skipped until ``--retry-failed``. Runs go one after
 another, or side by side in ``--jobs`` processes that split the CPU threads between them.
 """
 
@@ -28,7 +28,7 @@ import shutil
 import sys
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -166,7 +166,7 @@ def run_source(source: str, variants: tuple[Variant, ...], s: Settings, out: Pat
         ref = _read(out / source / "run02_esosae" / CALIBRATION_FILE) if v.run > 2 else None
         start = (ref["attempts"][ref["chosen"]]["knob"] if ref and ref.get("status") == "done" else None)
         if state.get("status") != "done":
-            say(f"{v.slug} ({i}/{len(variants)}): {v.note}")
+            say(f"{v.slug}{f' ({i}/{len(variants)})' if len(variants) > 1 else ''}: {v.note}")
         try:
             run_variant(v, b, s, vdir, start, say)
             result[v.slug] = "done"
@@ -186,6 +186,34 @@ def run_source(source: str, variants: tuple[Variant, ...], s: Settings, out: Pat
     return result
 
 
+def run_parallel(sources: list[str], variants: tuple[Variant, ...], s: Settings, out: Path, retry_failed: bool,
+                 jobs: int, results: dict[str, dict[str, str]]) -> None:
+    """Runs side by side in ``jobs`` processes of cores/jobs threads each, in grid order; a
+    source's runs after run 2 wait for it (they start from its calibrated knob)."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    first = [(src, v) for src in sources for v in variants if v.run <= 2]
+    later = {src: [v for v in variants if v.run > 2] for src in sources}
+    has_run2 = {v.run for v in variants} >= {2}
+    queue = first + ([] if has_run2 else [(src, v) for src in sources for v in later.pop(src)])
+    pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn"))
+    running: dict[Future, tuple[str, Variant]] = {}
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                src, v = queue.pop(0)
+                running[pool.submit(run_source, src, (v,), s, out, retry_failed, threads)] = (src, v)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                src, v = running.pop(fut)
+                results[src].update(fut.result())
+                if "interrupted" in results[src].values():
+                    raise KeyboardInterrupt
+                if v.run == 2:
+                    queue += [(src, w) for w in later.pop(src, [])]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 # -- the command ---------------------------------------------------------------------------
 
 
@@ -202,7 +230,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--seed", type=int, default=0, help="Seed of every run (run 9 adds 1).")
     p.add_argument("--max-tries", type=int, default=None, help="Calibration tries per run (default: 3; 2 with --quick).")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                   help="Sources trained side by side, each on cores/jobs threads (default: 2, or 1 on one core).")
+                   help="Runs trained side by side, each on cores/jobs threads (default: 2, or 1 on one core).")
     p.add_argument("--retry-failed", action="store_true", help="Rerun runs that failed in an earlier invocation.")
     return p
 
@@ -286,21 +314,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     me = record_invocation(out, s, argv)
     t0 = time.perf_counter()
-    results: dict[str, dict[str, str]] = {}
-    jobs = min(ns.jobs, len(sources))
+    results: dict[str, dict[str, str]] = {src: {} for src in sources}
     interrupted = False
     try:
-        if jobs == 1:
+        if ns.jobs == 1:
             for src in sources:
                 results[src] = run_source(src, variants, s, out, ns.retry_failed, None)
                 if "interrupted" in results[src].values():
                     break
         else:
-            threads = max(1, (os.cpu_count() or 1) // jobs)
-            with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-                futs = {src: pool.submit(run_source, src, variants, s, out, ns.retry_failed, threads)
-                        for src in sources}
-                results = {src: f.result() for src, f in futs.items()}
+            run_parallel(sources, variants, s, out, ns.retry_failed, ns.jobs, results)
     except KeyboardInterrupt:
         interrupted = True
     except UserError as e:  # e.g. the language model or dataset cannot be found: same for every run

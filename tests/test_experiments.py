@@ -176,3 +176,12 @@ def test_quick_grid_two_runs_on_the_embedded_model(tmp_path, capsys):
         assert 0 < ce <= 1.05 and report.fmt(ce) in text
     assert "| llm | the model's own units |" in text
     assert "2 done, 0 failed" in capsys.readouterr().out
+
+
+def test_parallel_jobs_start_later_runs_from_run_2s_knob(tmp_path):
+    out = tmp_path / "g"
+    assert experiments.main([*FAST, "--runs", "2,3", "--jobs", "2", "--out", str(out)]) == 0
+    run2 = json.loads((out / "easy/run02_esosae/calibration.json").read_text())
+    run3 = json.loads((out / "easy/run03_linear/calibration.json").read_text())
+    assert run2["status"] == run3["status"] == "done"
+    assert run3["start"] == run2["attempts"][run2["chosen"]]["knob"]
