@@ -10,7 +10,7 @@ from esosae import calibrate, experiments, report
 from esosae.config import AUTO_DEFAULTS
 from esosae.grid import METHOD_GRID, budgets, select, train_config
 
-FAST = ["--quick", "--sources", "easy", "--synthetic-steps", "30"]
+FAST = ["--quick", "--sources", "easy", "--synthetic-steps", "30", "--jobs", "1"]  # in-process: monkeypatches apply
 TRAIN_TRY = experiments.train_try
 
 
