@@ -6,8 +6,6 @@ import shutil
 import sys
 
 import pytest
-import torch
-from threadpoolctl import threadpool_limits
 
 from esosae.cli import main as train_main
 from esosae.evals.cli import main as eval_main
@@ -18,14 +16,7 @@ ENVELOPE = ["eval_type_id", "eval_config", "eval_id", "datetime_epoch_millis", "
             "sae_lens_release_id", "sae_lens_version", "sae_cfg_dict"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models and SAEs are tiny: one thread runs them faster, far faster when other jobs load the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

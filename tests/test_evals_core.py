@@ -3,7 +3,6 @@
 import pytest
 import torch
 from lm_helpers import TINY, register_tiny, write_txt
-from threadpoolctl import threadpool_limits
 
 from esosae import activations, models
 from esosae.config import DataConfig, ModelConfig, SAEConfig, TrainConfig
@@ -13,14 +12,7 @@ from esosae.sae import DualLayerSAE
 HOOK = "blocks.1.hook_out"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models and SAEs are tiny: one thread runs them faster, far faster when other jobs load the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

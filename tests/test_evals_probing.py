@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from lm_helpers import TINY, WORDS, register_tiny, write_txt
-from threadpoolctl import threadpool_limits
 
 from esosae import cli, models
 from esosae.backend import TORCH
@@ -25,14 +24,7 @@ from esosae.train import build, train_step
 SMALL = EvalConfig(train_size=60, test_size=24, k_values=(1, 2, 50), context_size=12)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models and SAEs are tiny: one thread runs them faster, far faster when other jobs load the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_probe_file(path, n_per_class=(40, 30, 20), seed=0, split=False):
