@@ -20,7 +20,6 @@ another, or side by side in ``--jobs`` processes that split the CPU threads betw
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -79,13 +78,6 @@ def eval_config(quick: bool) -> EvalConfig:
 # -- one run: calibrate, then evaluate the chosen try --------------------------------------
 
 
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def _save(path: Path, state: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(state, indent=1) + "\n")
 
@@ -107,7 +99,7 @@ def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: floa
     from esosae.evals.run import run_all
 
     path = vdir / CALIBRATION_FILE
-    state = _read(path) or {}
+    state = report.read_json(path) or {}
     if state.get("status") != "done":
         start = start_knob if start_knob is not None and v.knob == "tau_scale" else default_knob(v, b)
         state = {"run": v.run, "name": v.name, "note": v.note, "variant": asdict(v), "source": b.source,
@@ -158,12 +150,12 @@ def run_source(source: str, variants: tuple[Variant, ...], s: Settings, out: Pat
     for i, v in enumerate(variants, 1):
         vdir = out / source / v.slug
         vdir.mkdir(parents=True, exist_ok=True)
-        state = _read(vdir / CALIBRATION_FILE) or {}
+        state = report.read_json(vdir / CALIBRATION_FILE) or {}
         if state.get("status") == "failed" and not retry_failed:
             say(f"{v.slug} ({i}/{len(variants)}): failed earlier, skipped (--retry-failed to rerun): {state['error']}")
             result[v.slug] = "failed"
             continue
-        ref = _read(out / source / "run02_esosae" / CALIBRATION_FILE) if v.run > 2 else None
+        ref = report.read_json(out / source / "run02_esosae" / CALIBRATION_FILE) if v.run > 2 else None
         start = (ref["attempts"][ref["chosen"]]["knob"] if ref and ref.get("status") == "done" else None)
         if state.get("status") != "done":
             say(f"{v.slug}{f' ({i}/{len(variants)})' if len(variants) > 1 else ''}: {v.note}")
@@ -177,7 +169,7 @@ def run_source(source: str, variants: tuple[Variant, ...], s: Settings, out: Pat
             result[v.slug] = "interrupted"
             break
         except Exception as e:  # one broken run must not stop the grid: record it, go on
-            state = _read(vdir / CALIBRATION_FILE) or {"run": v.run, "name": v.name, "attempts": []}
+            state = report.read_json(vdir / CALIBRATION_FILE) or {"run": v.run, "name": v.name, "attempts": []}
             state.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0],
                          traceback=traceback.format_exc())
             _save(vdir / CALIBRATION_FILE, state)
@@ -193,7 +185,7 @@ def run_parallel(sources: list[str], variants: tuple[Variant, ...], s: Settings,
     threads = max(1, (os.cpu_count() or 1) // jobs)
     first = [(src, v) for src in sources for v in variants if v.run <= 2]
     later = {src: [v for v in variants if v.run > 2] for src in sources}
-    has_run2 = {v.run for v in variants} >= {2}
+    has_run2 = any(v.run == 2 for v in variants)
     queue = first + ([] if has_run2 else [(src, v) for src in sources for v in later.pop(src)])
     pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn"))
     running: dict[Future, tuple[str, Variant]] = {}
@@ -260,7 +252,7 @@ def prepare(argv: list[str]) -> tuple[Settings, Path, list[str], tuple[Variant, 
     out = Path(ns.out or f"experiments/{'quick' if ns.quick else ns.grid}")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder")
-    old = _read(out / GRID_FILE)
+    old = report.read_json(out / GRID_FILE)
     if old is None and (out / GRID_FILE).exists():
         raise ConfigError(f"{out / GRID_FILE} is not valid JSON; delete it (or the folder) to start over")
     if old is not None:
@@ -289,7 +281,7 @@ def record_invocation(out: Path, s: Settings, argv: list[str], index: int | None
                       wall_s: float | None = None) -> int:
     """grid.json: the settings, and every invocation's command, machine, date and wall time.
     A new invocation is appended (returns its index); ``index`` fills in its wall time."""
-    old = _read(out / GRID_FILE) or {}
+    old = report.read_json(out / GRID_FILE) or {}
     d = s.to_dict()
     d["budgets"] = {**old.get("budgets", {}), **d["budgets"]}
     calls = old.get("invocations", [])

@@ -120,18 +120,16 @@ def budgets(quick: bool, tokens: int | None = None, synthetic_steps: int | None 
 
 def default_knob(v: Variant, b: Budget) -> float:
     """The knob's starting value: the source's defaults (TopK: the target itself)."""
-    key = "lm" if b.source == "lm" else b.source
     if v.knob == "tau_scale":
         return 1.0
     if v.knob == "l1_coeff":
-        return float(AUTO_DEFAULTS[key]["l1_coeff_relu"])
+        return float(AUTO_DEFAULTS[b.source]["l1_coeff_relu"])
     return float(round(b.target_l0))
 
 
 def train_config(v: Variant, b: Budget, knob: float, seed: int, run_dir: str) -> TrainConfig:
     """The TrainConfig of variant ``v`` at knob value ``knob``; evaluation is the grid's job."""
-    key = "lm" if b.source == "lm" else b.source
-    auto = AUTO_DEFAULTS[key]
+    auto = AUTO_DEFAULTS[b.source]
     data: dict[str, Any] = {"source": "lm" if b.source == "lm" else "synthetic"}
     if b.source != "lm":
         data["synthetic"] = b.source

@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
+from esosae.evals.curriculum import read_metrics  # noqa: E402
 from esosae.runio import atomic_file, atomic_write_text  # noqa: E402
 
 REPORT_FILE = "report.md"
@@ -56,21 +57,22 @@ class Run:
         return self.cal.get("status") == "done" and self.dir is not None
 
     def records(self) -> list[dict[str, Any]]:
-        out = []
-        for line in (self.dir / "metrics.jsonl").read_text().split("\n"):
-            if line.strip():
-                out.append(json.loads(line))
-        return out
+        return read_metrics(self.dir / "metrics.jsonl")
 
     def weights(self) -> dict[str, np.ndarray]:
         return load_file(str(self.dir / "sae" / "sae.safetensors"))
 
 
-def _json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None when it is missing or unreadable."""
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
-        return {}
+        return None
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return read_json(path) or {}
 
 
 def load(out: Path) -> dict[str, list[Run]]:
