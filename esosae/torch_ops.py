@@ -91,6 +91,19 @@ def _fast(*ts: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == t0.dtype and t.numel() > 0 for t in ts) and t0.dtype in _DTYPES
 
 
+def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Ascending flat positions of the True entries of a bool tensor: ``mask.view(-1).nonzero()``.
+
+    A sparse mask is scanned 8 flags at a time as int64 words; only the few non-zero words
+    are then looked at flag by flag (about half the time of ``nonzero`` at 1% density)."""
+    flat = mask.reshape(-1)
+    if flat.numel() % 8 or flat.storage_offset() % 8:
+        return flat.nonzero().view(-1)
+    words = flat.view(torch.int64).nonzero().view(-1)  # (n_words,) words with a set flag
+    k = flat.view(-1, 8).index_select(0, words).nonzero()  # (nnz, 2): (which word, which flag)
+    return words[k[:, 0]].mul_(8).add_(k[:, 1])
+
+
 def _bag_sum(index: torch.Tensor, table: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """out[k] = Σ_{i in bag k} weights[i] · table[index[i]]; bag k spans index[offsets[k]:offsets[k+1]]."""
     return F.embedding_bag(index, table, offsets, mode="sum", per_sample_weights=weights)
@@ -120,8 +133,12 @@ class Active:
 
     @classmethod
     def of_mask(cls, mask: torch.Tensor, f: torch.Tensor) -> Active:
-        idx = mask.nonzero().T.contiguous()  # (2, nnz), row-major
-        return cls(idx, f[idx[0], idx[1]], tuple(mask.shape))
+        """The pairs where the (B, m) bool ``mask`` is set, with f's values there."""
+        B, m = mask.shape
+        flat = _flat_nonzero(mask)  # (nnz,) ascending: row-major
+        rows = torch.div(flat, m, rounding_mode="floor")
+        idx = torch.stack([rows, flat - rows * m])  # (2, nnz)
+        return cls(idx, f.reshape(-1).index_select(0, flat), (B, m))
 
     @property
     def nnz(self) -> int:
@@ -188,19 +205,18 @@ class _Encode(torch.autograd.Function):
         a = xc @ W_enc  # (B, m)
         with serial():
             a.add_(b_enc)  # the reference's rounding (addmm would round differently)
-            mask = a > theta  # (B, m)
-            f = a.mul_(mask)  # in place: f = a·1[a > θ]
+            on = torch.gt(a, theta, out=torch.empty_like(a))  # (B, m) 1[a > θ] as 1.0 / 0.0
+            f = a.mul_(on)  # in place: f = a·1[a > θ], the reference's product (NaN·0 is NaN there too)
             row_l1 = f.sum(-1, dtype=_acc_dtype(f))  # (B,)
             B, m = f.shape
-            nnz = int(torch.count_nonzero(mask))  # host sync: picks the path (free on the CPU)
+            fire = on.sum(0).to(torch.int32)  # (m,) exact: integer partial sums of at most B ones
+            nnz = int(fire.sum(dtype=torch.int64))  # host sync: picks the path (free on the CPU)
             if nnz <= SPARSE_MAX_DENSITY * B * m:
-                act = Active.of_mask(mask, f)
-                fire = torch.bincount(act.cols, minlength=m).to(torch.int32)  # (m,)
+                act = Active.of_mask(on.bool(), f)
                 ctx.save_for_backward(xc, W_enc)
             else:
                 act = None
-                fire = mask.sum(0, dtype=torch.int32)  # (m,)
-                ctx.save_for_backward(xc, W_enc, mask)
+                ctx.save_for_backward(xc, W_enc, on)
         ctx.act = box[0] = act
         ctx.mark_non_differentiable(fire)
         return f, row_l1, fire
@@ -224,12 +240,17 @@ class _Encode(torch.autograd.Function):
                 if need_x:
                     grad_x = act.row_gather(W_enc.T.contiguous(), ga)  # (B, d)
         else:
-            mask = ctx.saved_tensors[2]
+            on = ctx.saved_tensors[2]  # (B, m) 1[a > θ] as 1.0 / 0.0
             with serial():
-                ga = torch.zeros_like(mask, dtype=xc.dtype) if grad_f is None else grad_f.clone()
-                if grad_l1 is not None:
-                    ga += grad_l1.to(ga.dtype)[:, None]
-                ga.mul_(mask)  # (B, m)
+                if grad_f is None:
+                    ga = torch.zeros_like(on)
+                    if grad_l1 is not None:
+                        ga += grad_l1.to(ga.dtype)[:, None]
+                elif grad_l1 is not None:
+                    ga = grad_f + grad_l1.to(grad_f.dtype)[:, None]  # one pass: no clone first
+                else:
+                    ga = grad_f.clone()
+                ga.mul_(on)  # (B, m)
                 if need_b or need_bd:
                     grad_b = ga.sum(0)
             if need_W:
