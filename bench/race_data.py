@@ -150,9 +150,11 @@ def load_case(model: DualLayerSAE, tensors: dict[str, torch.Tensor], case: str) 
 class Runner:
     """One case's model, optimizer and batch, built as the trainer builds them
     (``esosae.train.build``: its Adam, whatever its settings), holding the case's weights;
-    ``fused`` swaps in ``Adam(fused=True)``. ``reset`` restores weights and buffers."""
+    ``fused`` swaps in ``torch.optim.Adam(fused=True)``, ``ours`` swaps in ``esosae.optim.Adam``
+    (fused, stepping on one thread: the optimizer proposed for ``build``). ``reset``
+    restores weights and buffers."""
 
-    def __init__(self, race, case: str, fraction: float | None, fused: bool = False):
+    def __init__(self, race, case: str, fraction: float | None, fused: bool = False, ours: bool = False):
         from esosae.sources import ArraySource
         from esosae.train import build
 
@@ -161,9 +163,13 @@ class Runner:
         x = tensors["x"]
         self.model, self.opt = build(self.cfg, ArraySource(x, x[:16], scale=1.0), torch.device("cpu"))
         load_case(self.model, tensors, case)
+        betas = (self.cfg.adam_beta1, self.cfg.adam_beta2)
         if fused:
-            self.opt = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr,
-                                        betas=(self.cfg.adam_beta1, self.cfg.adam_beta2), fused=True)
+            self.opt = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr, betas=betas, fused=True)
+        if ours:
+            from esosae.optim import Adam
+
+            self.opt = Adam(self.model.parameters(), lr=self.cfg.lr, betas=betas)
         self.start = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.x = tensors["x"]
         self.step_no = step_of(self.cfg)
