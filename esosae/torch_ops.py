@@ -373,14 +373,15 @@ def _orth_blocks(m1: int, m2: int, tiles: torch.Tensor | None):
     if tiles is None:
         return [(r0, min(r0 + ORTH_ROWS, m1), None) for r0 in range(0, m1, ORTH_ROWS)]
     _, n2 = tile_grid(m1, m2)
-    flat = torch.unique(tiles[:, 0].long() * n2 + tiles[:, 1].long())  # sorted, row-major
-    lane = torch.arange(ORTH_TILE)
-    blocks = []
-    for i in torch.unique(flat // n2).tolist():
-        tj = flat[flat // n2 == i] % n2  # this tile row's column tiles, ascending
-        cols = (tj[:, None] * ORTH_TILE + lane).view(-1)
-        blocks.append((i * ORTH_TILE, min((i + 1) * ORTH_TILE, m1), cols[cols < m2]))
-    return blocks
+    flat = torch.unique(tiles[:, 0].long() * n2 + tiles[:, 1].long())  # (n,) sorted, row-major
+    ti, tj = flat // n2, flat % n2  # (n,) tile row and column
+    row_of_block, tiles_per_block = torch.unique_consecutive(ti, return_counts=True)
+    cols = (tj[:, None] * ORTH_TILE + torch.arange(ORTH_TILE)).view(-1)  # (n·TILE,) ascending per tile row
+    inside = cols < m2  # a last partial tile column holds fewer than TILE columns
+    cols_per_block = inside.view(-1, ORTH_TILE).sum(1).split(tiles_per_block.tolist())
+    sizes = [int(c.sum()) for c in cols_per_block]
+    return [(i * ORTH_TILE, min((i + 1) * ORTH_TILE, m1), c)
+            for i, c in zip(row_of_block.tolist(), cols[inside].split(sizes))]
 
 
 class _Orth(torch.autograd.Function):
@@ -409,7 +410,7 @@ class _Orth(torch.autograd.Function):
             small = cols is not None  # one tile row: too small a GEMM to split over threads
             with serial():
                 W1b = W1[r0:r1]
-                W2b = W2 if cols is None else W2[cols]  # (s, d)
+                W2b = W2 if cols is None else W2.index_select(0, cols)  # (s, d); a row copy, not aten::index
             with serial() if small else contextlib.nullcontext():
                 c = W1b @ W2b.T  # (r, s)
             with serial():
@@ -420,9 +421,11 @@ class _Orth(torch.autograd.Function):
                     continue
                 nnz = int(torch.count_nonzero(e))  # host sync (free on the CPU)
                 if nnz <= ORTH_SPARSE_MAX_DENSITY * e.numel():
-                    i, j = e.nonzero().T  # row-major within the block
-                    vals = torch.copysign(e[i, j], c[i, j]).mul_(2 * scale)
-                    found.append((i + r0, j if cols is None else cols[j], vals))
+                    k = flat.nonzero().view(-1)  # (nnz,) row-major within the block
+                    i = torch.div(k, e.shape[1], rounding_mode="floor")
+                    j = k - i * e.shape[1]
+                    vals = torch.copysign(flat.index_select(0, k), c.view(-1).index_select(0, k)).mul_(2 * scale)
+                    found.append((i.add_(r0), j if cols is None else cols.index_select(0, j), vals))
                     continue
                 g = torch.copysign(e, c, out=e).mul_(2 * scale)  # (r, s) ∂L/∂c
             with serial() if small else contextlib.nullcontext():
