@@ -56,6 +56,9 @@ ORTH_SPARSE_MAX_DENSITY = 0.05
 """Largest fraction of pairs past the margin at which the penalty's gradients use them sparsely."""
 ORTH_ROWS = 256
 """Rows of W_dec1 per block of the exact orthogonality penalty: a (256, m2) block at a time."""
+ORTH_BATCH = 1 << 21
+"""Values of c (W_dec1 W_dec2ᵀ on the pairs summed) held at once: the blocks of a batch are
+computed into one buffer and its elementwise work (margin, sum, pairs past it) runs once."""
 
 SERIAL = True
 """Run everything but the GEMMs on one intra-op thread (see ``serial``)."""
@@ -384,6 +387,46 @@ def _orth_blocks(m1: int, m2: int, tiles: torch.Tensor | None):
             for i, c in zip(row_of_block.tolist(), cols[inside].split(sizes))]
 
 
+def _orth_batches(blocks, m2: int):
+    """Consecutive blocks grouped so that a group's c holds at most ORTH_BATCH values (a
+    block larger than that is a group of its own)."""
+    batch, held = [], 0
+    for block in blocks:
+        r0, r1, cols = block
+        n = (r1 - r0) * (m2 if cols is None else cols.numel())
+        if batch and held + n > ORTH_BATCH:
+            yield batch
+            batch, held = [], 0
+        batch.append(block)
+        held += n
+    if batch:
+        yield batch
+
+
+def _starts(sizes: list[int]) -> list[int]:
+    """Offsets of consecutive pieces of the given sizes."""
+    out, at = [], 0
+    for n in sizes:
+        out.append(at)
+        at += n
+    return out
+
+
+def _orth_pairs(k: torch.Tensor, batch, widths: list[int], sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows of W_dec1, rows of W_dec2) of the positions k in a batch's concatenated c."""
+    starts = torch.tensor(_starts(sizes))  # (n_blocks,)
+    b = torch.searchsorted(starts, k, right=True) - 1  # (nnz,) block of each position
+    local = k - starts[b]
+    w = torch.tensor(widths)[b]
+    i = torch.div(local, w, rounding_mode="floor")
+    j = local - i * w  # column index within the block
+    rows = torch.tensor([r0 for r0, _, _ in batch])[b] + i
+    if batch[0][2] is None:  # all pairs: a block's columns are all of W_dec2
+        return rows, j
+    cols = torch.cat([c for _, _, c in batch])
+    return rows, cols.index_select(0, torch.tensor(_starts(widths))[b] + j)
+
+
 class _Orth(torch.autograd.Function):
     """L = scale · Σ max(0, |c_ij| − ρ)², c = W1 W2ᵀ, over all pairs or the selected tiles;
     with G = scale · 2·sign(c)·max(0, |c| − ρ):  ∂L/∂W1 = G W2,  ∂L/∂W2 = Gᵀ W1.
@@ -404,40 +447,45 @@ class _Orth(torch.autograd.Function):
             n1, n2 = tile_grid(m1, m2)
             scale *= (n1 * n2) / tiles.shape[0]  # unbiased: the reference's count, duplicates included
         total = torch.zeros((), dtype=_acc_dtype(W1))
-        g1 = g2 = None  # allocated by the first dense block, or by the sparse products
+        g1 = g2 = None  # allocated by the first dense batch, or by the sparse products
         found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, cols, ∂L/∂c)
-        for r0, r1, cols in _orth_blocks(m1, m2, tiles):
-            small = cols is not None  # one tile row: too small a GEMM to split over threads
-            with serial():
-                W1b = W1[r0:r1]
-                W2b = W2 if cols is None else W2.index_select(0, cols)  # (s, d); a row copy, not aten::index
-            with serial() if small else contextlib.nullcontext():
-                c = W1b @ W2b.T  # (r, s)
+        for batch in _orth_batches(_orth_blocks(m1, m2, tiles), m2):
+            # c of every block of the batch, one after the other in one buffer, so that the
+            # elementwise work is a few passes over the batch instead of a few per block
+            widths = [m2 if cols is None else cols.numel() for _, _, cols in batch]
+            sizes = [(r1 - r0) * w for (r0, r1, _), w in zip(batch, widths)]
+            c = torch.empty(sum(sizes), dtype=W1.dtype)  # (Σ r·s,)
+            for (r0, r1, cols), w, start, n in zip(batch, widths, _starts(sizes), sizes):
+                with serial():
+                    W2b = W2 if cols is None else W2.index_select(0, cols)  # (s, d): a row copy
+                with serial() if cols is not None else contextlib.nullcontext():  # a tile row: too small to split
+                    torch.mm(W1[r0:r1], W2b.T, out=c[start:start + n].view(r1 - r0, w))  # (r, s)
             with serial():
                 e = c.abs().sub_(margin).clamp_min_(0)  # max(0, |c| − ρ)
-                flat = e.view(-1)
-                total += torch.dot(flat, flat)
+                total += torch.dot(e, e)
                 if not want:
                     continue
                 nnz = int(torch.count_nonzero(e))  # host sync (free on the CPU)
                 if nnz <= ORTH_SPARSE_MAX_DENSITY * e.numel():
-                    k = flat.nonzero().view(-1)  # (nnz,) row-major within the block
-                    i = torch.div(k, e.shape[1], rounding_mode="floor")
-                    j = k - i * e.shape[1]
-                    vals = torch.copysign(flat.index_select(0, k), c.view(-1).index_select(0, k)).mul_(2 * scale)
-                    found.append((i.add_(r0), j if cols is None else cols.index_select(0, j), vals))
+                    k = e.nonzero().view(-1)  # (nnz,) ascending: by block, row-major within each
+                    vals = torch.copysign(e.index_select(0, k), c.index_select(0, k)).mul_(2 * scale)
+                    found.append((*_orth_pairs(k, batch, widths, sizes), vals))
                     continue
-                g = torch.copysign(e, c, out=e).mul_(2 * scale)  # (r, s) ∂L/∂c
-            with serial() if small else contextlib.nullcontext():
-                d1, d2 = g @ W2b, g.T @ W1b
-            with serial():
-                if g1 is None:
-                    g1, g2 = torch.zeros_like(W1), torch.zeros_like(W2)
-                g1[r0:r1] += d1
-                if cols is None:
-                    g2 += d2
-                else:
-                    g2.index_add_(0, cols, d2)
+                g = torch.copysign(e, c, out=e).mul_(2 * scale)  # (Σ r·s,) ∂L/∂c
+            if g1 is None:
+                g1, g2 = torch.zeros_like(W1), torch.zeros_like(W2)
+            for (r0, r1, cols), w, start, n in zip(batch, widths, _starts(sizes), sizes):
+                gb = g[start:start + n].view(r1 - r0, w)
+                with serial():
+                    W2b = W2 if cols is None else W2.index_select(0, cols)
+                with serial() if cols is not None else contextlib.nullcontext():
+                    d1, d2 = gb @ W2b, gb.T @ W1[r0:r1]
+                with serial():
+                    g1[r0:r1] += d1
+                    if cols is None:
+                        g2 += d2
+                    else:
+                        g2.index_add_(0, cols, d2)
         if found:
             with serial():  # blocks ascend in rows, so the concatenation is row-major
                 rows, cols, vals = (torch.cat(t) for t in zip(*found))

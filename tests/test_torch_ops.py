@@ -277,10 +277,13 @@ def unit_rows(m, d):
     return W / W.norm(dim=1, keepdim=True)
 
 
-@pytest.fixture(params=["sparse", "dense"])
+@pytest.fixture(params=["sparse", "dense", "sparse-batches", "dense-batches"])
 def orth_path(request, monkeypatch):
-    monkeypatch.setattr(torch_ops, "ORTH_SPARSE_MAX_DENSITY", 1.0 if request.param == "sparse" else -1.0)
+    """Both gradient paths; every block in one batch, or batches of a few blocks (or one)."""
+    monkeypatch.setattr(torch_ops, "ORTH_SPARSE_MAX_DENSITY", 1.0 if request.param.startswith("sparse") else -1.0)
     monkeypatch.setattr(torch_ops, "ORTH_ROWS", 48)  # several blocks, one of them partial
+    if request.param.endswith("batches"):
+        monkeypatch.setattr(torch_ops, "ORTH_BATCH", 5000)  # a 48-row band alone, 1–2 tiles' rows together
     return request.param
 
 
