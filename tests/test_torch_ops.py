@@ -205,6 +205,46 @@ def test_encode_then_decode_gradients_match(theta_kind, dtype, path):
         check(g[k], g64[k], r32[1][k] if r32 else None, f"grad {k}")
 
 
+@pytest.mark.parametrize("side", ["below", "above"])
+def test_density_crossover_at_the_default_limit(side):
+    """Without forcing a path: a batch just below SPARSE_MAX_DENSITY takes the active pairs,
+    one just above takes the dense GEMMs; both give the reference's outputs and gradients."""
+    B, d, m = 64, 40, 400
+    density = torch_ops.SPARSE_MAX_DENSITY * (0.8 if side == "below" else 1.25)
+    e = encoder_inputs(B, d, m, "relu")
+    pre = (e["x"] - e["b_dec"]) @ e["W_enc"]  # (B, m)
+    q = pre.kthvalue(round((1 - density) * B), dim=0).values  # per feature: fires on `density` of the rows
+    e["b_enc"] = keep_off_theta(pre, -q + 1e-4, e["theta"])
+    base = {"W_enc": e["W_enc"], "b_enc": e["b_enc"], "b_dec": e["b_dec"], "W_dec": rand(m, d, scale=0.3)}
+    w = {"sq": rand(B), "l1": rand(B), "xh": rand(B, d)}
+    results = {}
+    for name, ops in (("ref", REF), ("ours", TORCH)):
+        p = leaves(base, torch.float64)
+        loss, f = single_layer(ops, p, e["x"], e["theta"], w)
+        loss.backward()
+        results[name] = (loss, {k: v.grad for k, v in p.items()}, f)
+    (loss_r, g_r, f_r), (loss, g, f) = results["ref"], results["ours"]
+    measured = (f_r != 0).double().mean().item()
+    assert (measured <= torch_ops.SPARSE_MAX_DENSITY) == (side == "below"), measured
+    assert (torch_ops.attached(f) is not None) == (side == "below")
+    check(f, f_r, None, "f")
+    check(loss, loss_r, None, "loss")
+    for k in g_r:
+        check(g[k], g_r[k], None, f"grad {k}")
+
+
+@pytest.mark.parametrize("shape", [(8, 64), (5, 123), (1, 8), (3, 16)])
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.3, 1.0])
+def test_flat_nonzero_finds_the_set_flags_in_order(shape, density):
+    """The word-at-a-time scan (sizes divisible by 8) and the plain one agree with nonzero,
+    also on a view that starts off a word boundary."""
+    mask = torch.rand(shape) < density
+    assert torch.equal(torch_ops._flat_nonzero(mask), mask.view(-1).nonzero().view(-1))
+    big = torch.rand(3 + mask.numel()) < density
+    view = big[3:].view(shape)  # storage offset 3: not word-aligned
+    assert torch.equal(torch_ops._flat_nonzero(view), view.reshape(-1).nonzero().view(-1))
+
+
 @pytest.mark.parametrize("change", ["in_place", "second_use", "retain_grad"])
 def test_decoder_falls_back_when_f_is_not_the_encoders_untouched_output(change, monkeypatch):
     """An f changed in place after the encoder, an f with a second consumer, or an f
