@@ -1,0 +1,162 @@
+"""The kernels compiled on a CUDA device at mid shapes, against the float64 reference.
+
+The interpreter tests (test_kernel_encoder.py, …) stay within one or two tiles per launch.
+Here B = 300 and 257 (no tile multiples), d = 576 and m = 1,152 make multi-tile grids,
+the grouped launch order, reduction loops of many K steps and ragged edges run compiled,
+and the orthogonality penalty runs over 18 × 18 tiles of 64, exact and sampled at the
+trainer's default fraction, with margins that leave some tiles active and others skipped.
+
+Each test compares the output and every gradient with the float64 reference
+(esosae/reference.py), by precision:
+- fp32 (ieee products): tight, FP32_TOL of the largest reference value;
+- bf16, fp16, and tf32 (fp32 operands with torch.set_float32_matmul_precision("high"), set
+  inside the test and restored): STYLE.md's 2× rule, the kernel's error against float64 at
+  most twice the error of the reference run in that precision (bf16 or fp16 operands, or
+  fp32 under the same matmul setting), plus a floor of one unit roundoff of the largest
+  reference value, for the few quantities that torch's path happens to get (nearly) exact.
+
+Inputs and runners are the interpreter tests' own (make_inputs, run), imported, not copied.
+Skipped without CUDA and under TRITON_INTERPRET=1, so the CPU suite skips it;
+bench/gpu_check.sh runs it with the other kernel tests, compiled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import pytest
+import test_kernel_decoder as dec
+import test_kernel_encoder as enc
+import test_kernel_orthogonality as orth
+import torch
+
+from esosae import reference
+from esosae.config import SAEConfig, TrainConfig
+from esosae.kernels import decode, encode, orth_penalty
+from esosae.kernels.utils import poisoned_outputs
+
+
+def _why_skipped() -> str | None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return ("compiled kernels only: TRITON_INTERPRET=1 runs them in the CPU interpreter, which the other "
+                "test_kernel_*.py files cover; bench/gpu_check.sh runs this file on a GPU")
+    if not torch.cuda.is_available():
+        return "needs a CUDA device (bench/gpu_check.sh runs this file on one)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_why_skipped() is not None, reason=_why_skipped() or "")
+
+F64 = torch.float64
+D, M = 576, 1152  # the default run's d and m per layer
+BATCHES = [300, 257]
+PRECISIONS = {  # name: (operand dtype, torch's float32 matmul precision while the test runs)
+    "fp32": (torch.float32, "highest"), "tf32": (torch.float32, "high"),
+    "bf16": (torch.bfloat16, "highest"), "fp16": (torch.float16, "highest")}
+FP32_TOL = 1e-5  # relative to the largest reference value: fp32 sums of ≤ 1,152 products
+UNIT_ROUNDOFF = {"bf16": 2**-9, "fp16": 2**-11, "tf32": 2**-11}  # 8, 11 and 11 significant bits
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs():
+    with poisoned_outputs():
+        yield
+
+
+@contextlib.contextmanager
+def precision(name: str) -> Iterator[torch.dtype]:
+    """The operand dtype of ``name``, with torch's fp32 matmul precision set for it (restored after)."""
+    dtype, setting = PRECISIONS[name]
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(setting)
+    try:
+        yield dtype
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+def assert_matches(out: dict, ref: dict, low: dict, name: str) -> None:
+    """Every output and gradient of ``out`` against the float64 ``ref``: tight for fp32, else the
+    2× rule against ``low`` (the reference run in that precision) plus a one-roundoff floor."""
+    assert out.keys() == ref.keys() == low.keys()
+    for key, r in ref.items():
+        o = out[key]
+        if key == "fire_count":
+            assert o.dtype == torch.int32 and torch.equal(o, r.to(torch.int32)), key
+            continue
+        assert not o.isnan().any(), f"{key}: unwritten (NaN-poisoned) elements"
+        err = (o.double() - r).abs().max().item()
+        scale = r.abs().max().item()
+        if name == "fp32":
+            assert err <= FP32_TOL * scale, f"{key}: error {err:.3g} > {FP32_TOL} × {scale:.3g}"
+        else:
+            base = (low[key].double() - r).abs().max().item()
+            floor = UNIT_ROUNDOFF[name] * scale
+            assert err <= 2 * base + floor, f"{key}: error {err:.3g} > 2 × torch's {base:.3g} + {floor:.3g}"
+
+
+@pytest.mark.parametrize("mode", ["jump", "relu"])
+@pytest.mark.parametrize("name", PRECISIONS)
+@pytest.mark.parametrize("B", BATCHES)
+def test_encode_compiled_mid_shape(B, name, mode):
+    with precision(name) as dtype:
+        inp = enc.make_inputs(B, D, M, dtype, mode)
+        out = enc.run(encode, inp, dtype)
+        ref, low = enc.run(reference.encode, inp, F64), enc.run(reference.encode, inp, dtype)
+    assert out["f"].dtype == dtype and all(out[f"grad_{k}"].dtype == dtype for k in enc.INPUTS)
+    assert_matches(out, ref, low, name)
+    assert 0 < (ref["f"] != 0).sum() < B * M
+
+
+@pytest.mark.parametrize("density", [0.03, 1.0])
+@pytest.mark.parametrize("name", PRECISIONS)
+@pytest.mark.parametrize("B", BATCHES)
+def test_decode_compiled_mid_shape(B, name, density):
+    with precision(name) as dtype:
+        inp = dec.make_inputs(B, D, M, dtype, density)
+        out = dec.run(decode, inp, dtype)
+        ref, low = dec.run(reference.decode, inp, F64), dec.run(reference.decode, inp, dtype)
+    assert out["x_hat"].dtype == dtype and all(out[f"grad_{k}"].dtype == dtype for k in dec.INPUTS)
+    assert_matches(out, ref, low, name)
+
+
+def default_tiles() -> torch.Tensor:
+    """The trainer's tile sample at m1 = m2 = M: esosae.reference.sample_tiles at the default
+    fraction min(1, B / (3·m2)) of the default batch (0.30 of the 18 × 18 tiles)."""
+    cfg = TrainConfig(sae=SAEConfig(m1=M, m2=M))
+    tiles = reference.sample_tiles(M, M, cfg.orth_block_fraction, torch.Generator().manual_seed(12))
+    assert tiles is not None
+    return tiles.to(orth.DEVICE)
+
+
+def tile_max_cosines(W1: torch.Tensor, W2: torch.Tensor) -> torch.Tensor:
+    """(n1, n2): the largest |cos| in each tile of W1 W2ᵀ, in float64."""
+    n1, n2 = reference.tile_grid(M, M)
+    t = reference.ORTH_TILE
+    return (W1.double() @ W2.double().T).abs().reshape(n1, t, n2, t).amax(dim=(1, 3))
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+@pytest.mark.parametrize("margin", ["zero", "half_the_tiles"])
+@pytest.mark.parametrize("name", PRECISIONS)
+def test_orth_penalty_compiled_mid_shape(name, margin, sampled):
+    """ρ = 0 (every pair counts) and ρ = the median of the tiles' largest |cos|, which leaves
+    about half of the tiles with pairs beyond the margin and lets the others skip their
+    gradient products."""
+    with precision(name) as dtype:
+        W1, W2 = orth.unit_rows(M, D).to(dtype), orth.unit_rows(M, D).to(dtype)
+        peaks = tile_max_cosines(W1, W2)
+        rho = 0.0 if margin == "zero" else peaks.median().item()
+        tiles = default_tiles() if sampled else None
+        out = orth.run(orth_penalty, W1, W2, rho, tiles, dtype)
+        ref = orth.run(reference.orth_penalty, W1, W2, rho, tiles, F64)
+        low = orth.run(reference.orth_penalty, W1, W2, rho, tiles, dtype)
+    if tiles is not None:
+        peaks = peaks[tiles[:, 0].long(), tiles[:, 1].long()]
+    active = (peaks > rho).sum().item()
+    assert (0 < active < peaks.numel()) if margin == "half_the_tiles" else (active == peaks.numel())
+    assert out["loss"].dtype == torch.float32 and out["grad_W1"].dtype == out["grad_W2"].dtype == dtype
+    assert ref["loss"] > 0
+    assert_matches(out, ref, low, name)
