@@ -57,5 +57,11 @@ def get_backend(name: str, device: torch.device) -> Backend:
         raise BackendError("--backend triton needs a CUDA device, or TRITON_INTERPRET=1 to run "
                            "the kernels on the CPU (slow; for tests); use --backend torch")
     from esosae.kernels import decode, encode, orth_penalty
+    from esosae.kernels.utils import UnsupportedArchError, arch_family
 
+    if device.type == "cuda":
+        try:
+            arch_family(device)
+        except UnsupportedArchError as e:
+            raise BackendError(str(e)) from None
     return Backend("triton", encode, decode, orth_penalty)

@@ -17,11 +17,11 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from esosae.kernels.utils import (alloc, check_inputs, dot_precision, interp_bf16, interpreted, matmul_config,
-                                  mma, nvtx_range, round_to, tile_ids)
+from esosae.kernels.utils import (alloc, check_inputs, group_size, launch, mma, nvtx_range, round_to, tile_config,
+                                  tile_ids)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["group"])  # one compilation whatever the group
 def _decode_fwd_kernel(
     # pointers
     f_ptr,  # (B, m) features
@@ -31,24 +31,24 @@ def _decode_fwd_kernel(
     xh_ptr,  # (B, d) out: x̂
     sq_part_ptr,  # (n_d_tiles, B) fp32 out: Σ over this program's columns of (target − x̂)²
     # sizes
-    B, m, d,
+    B, m, d, group,
     # meta-parameters
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One (BLOCK_B, BLOCK_D) tile of x̂ = f W_dec + bias, reducing over m in fp32, with the
+    """One (BLOCK_M, BLOCK_N) tile of x̂ = f W_dec + bias, reducing over m in fp32, with the
     epilogue's partial row sums of (target − x̂)², x̂ taken as stored (rounded)."""
-    n_b = tl.cdiv(B, BLOCK_B)
-    n_d = tl.cdiv(d, BLOCK_D)
-    pid_b, pid_d = tile_ids(tl.program_id(0), n_b, n_d, GROUP)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    n_b = tl.cdiv(B, BLOCK_M)
+    n_d = tl.cdiv(d, BLOCK_N)
+    pid_b, pid_d = tile_ids(tl.program_id(0), n_b, n_d, group)
+    rows = pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
+    dcols = pid_d * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < B
     d_ok = dcols < d
-    f_ptrs = f_ptr + rows.to(tl.int64)[:, None] * m + ks[None, :]  # (BLOCK_B, BLOCK_K)
-    w_ptrs = w_ptr + ks.to(tl.int64)[:, None] * d + dcols[None, :]  # (BLOCK_K, BLOCK_D)
-    acc = tl.zeros((BLOCK_B, BLOCK_D), tl.float32)
+    f_ptrs = f_ptr + rows.to(tl.int64)[:, None] * m + ks[None, :]  # (BLOCK_M, BLOCK_K)
+    w_ptrs = w_ptr + ks.to(tl.int64)[:, None] * d + dcols[None, :]  # (BLOCK_K, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, m, BLOCK_K):
         k_ok = k0 + ks < m
         ft = tl.load(f_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -77,7 +77,7 @@ def _resid_grad_tile(g_xh_ptr, t_ptr, xh_ptr, g_sq, offs, ok):
     return g_xh - g_t, g_t
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["group"])  # one compilation whatever the group
 def _decode_bwd_df_kernel(
     # pointers
     g_xh_ptr,  # (B, d) upstream grad of x̂
@@ -87,25 +87,25 @@ def _decode_bwd_df_kernel(
     w_ptr,  # (m, d) W_dec
     g_f_ptr,  # (B, m) out: grad_f = g W_decᵀ
     # sizes
-    B, m, d,
+    B, m, d, group,
     # meta-parameters
-    BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One (BLOCK_B, BLOCK_M) tile of grad_f = g W_decᵀ, reducing over d, where
+    """One (BLOCK_M, BLOCK_N) tile of grad_f = g W_decᵀ, reducing over d, where
     g = grad_x̂ − 2·grad_sq·(target − x̂) is formed tile by tile (never stored)."""
-    n_b = tl.cdiv(B, BLOCK_B)
-    n_m = tl.cdiv(m, BLOCK_M)
-    pid_b, pid_m = tile_ids(tl.program_id(0), n_b, n_m, GROUP)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_b = tl.cdiv(B, BLOCK_M)
+    n_m = tl.cdiv(m, BLOCK_N)
+    pid_b, pid_m = tile_ids(tl.program_id(0), n_b, n_m, group)
+    rows = pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_m * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < B
     col_ok = cols < m
     g_sq = tl.load(g_sq_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    offs = rows.to(tl.int64)[:, None] * d + ks[None, :]  # (BLOCK_B, BLOCK_K) into (B, d)
-    w_ptrs = w_ptr + cols.to(tl.int64)[None, :] * d + ks[:, None]  # (BLOCK_K, BLOCK_M) of W_decᵀ
-    acc = tl.zeros((BLOCK_B, BLOCK_M), tl.float32)
+    offs = rows.to(tl.int64)[:, None] * d + ks[None, :]  # (BLOCK_M, BLOCK_K) into (B, d)
+    w_ptrs = w_ptr + cols.to(tl.int64)[None, :] * d + ks[:, None]  # (BLOCK_K, BLOCK_N) of W_decᵀ
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, d, BLOCK_K):
         k_ok = k0 + ks < d
         g, _ = _resid_grad_tile(g_xh_ptr, t_ptr, xh_ptr, g_sq, offs, row_ok[:, None] & k_ok[None, :])
@@ -117,7 +117,7 @@ def _decode_bwd_df_kernel(
     tl.store(g_f_ptr + rows.to(tl.int64)[:, None] * m + cols[None, :], g_f, mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["group"])  # one compilation whatever the group
 def _decode_bwd_dw_kernel(
     # pointers
     f_ptr,  # (B, m) saved f
@@ -129,26 +129,26 @@ def _decode_bwd_dw_kernel(
     g_bias_ptr,  # (d,) out: grad_bias = Σ_rows g (written by the m-tile-0 programs)
     g_t_ptr,  # (B, d) out when NEED_TARGET: grad_target (written by the m-tile-0 programs)
     # sizes
-    B, m, d,
+    B, m, d, group,
     # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NEED_TARGET: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One (BLOCK_M, BLOCK_D) tile of grad_W_dec = fᵀ g, reducing over the batch. The
+    """One (BLOCK_M, BLOCK_N) tile of grad_W_dec = fᵀ g, reducing over the batch. The
     programs of the first feature tile also reduce grad_bias = Σ_rows g for their columns and
     write grad_target = 2·grad_sq·(target − x̂) as they pass over the rows."""
     n_m = tl.cdiv(m, BLOCK_M)
-    n_d = tl.cdiv(d, BLOCK_D)
-    pid_m, pid_d = tile_ids(tl.program_id(0), n_m, n_d, GROUP)
+    n_d = tl.cdiv(d, BLOCK_N)
+    pid_m, pid_d = tile_ids(tl.program_id(0), n_m, n_d, group)
     cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    dcols = pid_d * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     col_ok = cols < m
     d_ok = dcols < d
     f_ptrs = f_ptr + ks.to(tl.int64)[:, None] * m + cols[None, :]  # (BLOCK_K, BLOCK_M) rows of f
-    offs = ks.to(tl.int64)[:, None] * d + dcols[None, :]  # (BLOCK_K, BLOCK_D) into (B, d)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    col_sum = tl.zeros((BLOCK_D,), tl.float32)
+    offs = ks.to(tl.int64)[:, None] * d + dcols[None, :]  # (BLOCK_K, BLOCK_N) into (B, d)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    col_sum = tl.zeros((BLOCK_N,), tl.float32)
     for k0 in range(0, B, BLOCK_K):
         k_ok = k0 + ks < B
         ok = k_ok[:, None] & d_ok[None, :]
@@ -177,15 +177,13 @@ def decode_forward(f: torch.Tensor, W_dec: torch.Tensor, bias: torch.Tensor,
         {"f": ("B", "m"), "W_dec": ("m", "d"), "bias": ("d",), "target": ("B", "d")},
         ("f", "W_dec", "bias", "target"))
     B, m, d = n["B"], n["m"], n["d"]
-    cfg = matmul_config(B, d, m, dtype, interpreted(_decode_fwd_kernel))
+    kernel = _decode_fwd_kernel
+    cfg = tile_config("gemm", dtype, kernel, f.device, B, d, m)
     n_b, n_d = triton.cdiv(B, cfg.BLOCK_M), triton.cdiv(d, cfg.BLOCK_N)
     x_hat = alloc((B, d), dtype, f.device)
     sq_part = alloc((n_d, B), torch.float32, f.device)
-    _decode_fwd_kernel[(n_b * n_d,)](
-        f, W_dec, bias, target, x_hat, sq_part, B, m, d,
-        BLOCK_B=cfg.BLOCK_M, BLOCK_D=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP=cfg.GROUP,
-        INTERP_BF16=interp_bf16(_decode_fwd_kernel, dtype), PRECISION=dot_precision(dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    group = group_size(kernel, n_b, cfg.BLOCK_M * m * f.element_size())  # f strips
+    launch(kernel, n_b * n_d, cfg, dtype, f, W_dec, bias, target, x_hat, sq_part, B, m, d, group)
     return x_hat, sq_part.sum(0)
 
 
@@ -196,30 +194,28 @@ def decode_backward(grad_xh: torch.Tensor, grad_sq: torch.Tensor, f: torch.Tenso
     """(grad_f, grad_W_dec, grad_bias, grad_target) for the inputs whose ``need`` flag is set."""
     B, m = f.shape
     d = W_dec.shape[1]
-    dtype = f.dtype
+    dtype, size = f.dtype, f.element_size()
     grad_xh = grad_xh.to(dtype).contiguous()  # upstream grads may arrive expanded or in another dtype
     grad_sq = grad_sq.to(torch.float32).contiguous()
     grads: list[torch.Tensor | None] = [None] * 4
     if need[0]:
-        cfg = matmul_config(B, m, d, dtype, interpreted(_decode_bwd_df_kernel))
+        kernel = _decode_bwd_df_kernel
+        cfg = tile_config("fused", dtype, kernel, f.device, B, m, d)
+        n_b = triton.cdiv(B, cfg.BLOCK_M)
         grads[0] = alloc((B, m), dtype, f.device)
-        grid = (triton.cdiv(B, cfg.BLOCK_M) * triton.cdiv(m, cfg.BLOCK_N),)
-        _decode_bwd_df_kernel[grid](
-            grad_xh, grad_sq, target, x_hat, W_dec, grads[0], B, m, d,
-            BLOCK_B=cfg.BLOCK_M, BLOCK_M=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP=cfg.GROUP,
-            INTERP_BF16=interp_bf16(_decode_bwd_df_kernel, dtype), PRECISION=dot_precision(dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        group = group_size(kernel, n_b, 3 * cfg.BLOCK_M * d * size)  # grad_x̂, target and x̂ strips; W_dec streams
+        launch(kernel, n_b * triton.cdiv(m, cfg.BLOCK_N), cfg, dtype, grad_xh, grad_sq, target, x_hat, W_dec,
+               grads[0], B, m, d, group)
     if any(need[1:]):
-        cfg = matmul_config(m, d, B, dtype, interpreted(_decode_bwd_dw_kernel))
+        kernel = _decode_bwd_dw_kernel
+        cfg = tile_config("fused", dtype, kernel, f.device, m, d, B)
+        n_m = triton.cdiv(m, cfg.BLOCK_M)
         grad_w = alloc((m, d), dtype, f.device)
         grad_bias = alloc((d,), dtype, f.device)
         grad_t = alloc((B, d), dtype, f.device) if need[3] else grad_bias  # not written unless needed
-        grid = (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(d, cfg.BLOCK_N),)
-        _decode_bwd_dw_kernel[grid](
-            f, grad_xh, grad_sq, target, x_hat, grad_w, grad_bias, grad_t, B, m, d,
-            BLOCK_M=cfg.BLOCK_M, BLOCK_D=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP=cfg.GROUP,
-            NEED_TARGET=need[3], INTERP_BF16=interp_bf16(_decode_bwd_dw_kernel, dtype),
-            PRECISION=dot_precision(dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        group = group_size(kernel, n_m, cfg.BLOCK_M * B * size)  # f column strips
+        launch(kernel, n_m * triton.cdiv(d, cfg.BLOCK_N), cfg, dtype, f, grad_xh, grad_sq, target, x_hat, grad_w,
+               grad_bias, grad_t, B, m, d, group, NEED_TARGET=need[3])
         grads[1:] = [g if wanted else None for g, wanted in zip((grad_w, grad_bias, grad_t), need[1:])]
     return tuple(grads)
 

@@ -18,11 +18,11 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from esosae.kernels.utils import (alloc, check_inputs, dot_precision, interp_bf16, interpreted, matmul_config,
-                                  mma, nvtx_range, round_to, tile_ids)
+from esosae.kernels.utils import (alloc, check_inputs, group_size, launch, mma, nvtx_range, round_to, tile_config,
+                                  tile_ids)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["group"])  # one compilation whatever the group
 def _encode_fwd_kernel(
     # pointers
     x_ptr,  # (B, d) input rows
@@ -34,28 +34,28 @@ def _encode_fwd_kernel(
     l1_part_ptr,  # (n_m_tiles, B) fp32 out: Σ of f over this program's columns
     fire_part_ptr,  # (n_b_tiles, m) int32 out: fires over this program's rows
     # sizes
-    B, d, m,
+    B, d, m, group,
     # meta-parameters
-    BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One (BLOCK_B, BLOCK_M) tile of f: a = (x − b_dec) W_enc + b_enc accumulated in fp32
+    """One (BLOCK_M, BLOCK_N) tile of f: a = (x − b_dec) W_enc + b_enc accumulated in fp32
     over d, then the epilogue f = a·1[a > θ] (stored in x's dtype), the tile's row sums of f
     and its per-column fire counts. A feature fires where a > θ and its stored f is non-zero,
     so fire counts and the backward's mask (f ≠ 0) agree even where a rounds to zero in the
     output dtype. NaN pre-activations propagate to f and row_l1, as in the reference.
     """
-    n_b = tl.cdiv(B, BLOCK_B)
-    n_m = tl.cdiv(m, BLOCK_M)
-    pid_b, pid_m = tile_ids(tl.program_id(0), n_b, n_m, GROUP)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_b = tl.cdiv(B, BLOCK_M)
+    n_m = tl.cdiv(m, BLOCK_N)
+    pid_b, pid_m = tile_ids(tl.program_id(0), n_b, n_m, group)
+    rows = pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_m * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < B
     col_ok = cols < m
-    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * d + ks[None, :]  # (BLOCK_B, BLOCK_K)
-    w_ptrs = w_ptr + ks.to(tl.int64)[:, None] * m + cols[None, :]  # (BLOCK_K, BLOCK_M)
-    acc = tl.zeros((BLOCK_B, BLOCK_M), tl.float32)
+    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * d + ks[None, :]  # (BLOCK_M, BLOCK_K)
+    w_ptrs = w_ptr + ks.to(tl.int64)[:, None] * m + cols[None, :]  # (BLOCK_K, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, d, BLOCK_K):
         k_ok = k0 + ks < d
         xt = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -87,7 +87,7 @@ def _grad_a_tile(g_f_ptr, f_ptr, g_l1, offs, ok, DTYPE: tl.constexpr, INTERP_BF1
     return ga, round_to(ga, DTYPE, INTERP_BF16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["group"])  # one compilation whatever the group
 def _encode_bwd_dx_kernel(
     # pointers
     g_f_ptr,  # (B, m) upstream grad of f
@@ -96,25 +96,25 @@ def _encode_bwd_dx_kernel(
     w_ptr,  # (d, m) W_enc
     g_x_ptr,  # (B, d) out: grad_x = grad_a W_encᵀ
     # sizes
-    B, d, m,
+    B, d, m, group,
     # meta-parameters
-    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One (BLOCK_B, BLOCK_D) tile of grad_x = grad_a W_encᵀ, reducing over m, with
+    """One (BLOCK_M, BLOCK_N) tile of grad_x = grad_a W_encᵀ, reducing over m, with
     grad_a = (grad_f + grad_row_l1)·1[a > θ] formed tile by tile from the saved f."""
-    n_b = tl.cdiv(B, BLOCK_B)
-    n_d = tl.cdiv(d, BLOCK_D)
-    pid_b, pid_d = tile_ids(tl.program_id(0), n_b, n_d, GROUP)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    n_b = tl.cdiv(B, BLOCK_M)
+    n_d = tl.cdiv(d, BLOCK_N)
+    pid_b, pid_d = tile_ids(tl.program_id(0), n_b, n_d, group)
+    rows = pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
+    dcols = pid_d * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < B
     d_ok = dcols < d
     g_l1 = tl.load(g_l1_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    a_offs = rows.to(tl.int64)[:, None] * m + ks[None, :]  # (BLOCK_B, BLOCK_K) into (B, m)
-    w_ptrs = w_ptr + dcols.to(tl.int64)[None, :] * m + ks[:, None]  # (BLOCK_K, BLOCK_D) of W_encᵀ
-    acc = tl.zeros((BLOCK_B, BLOCK_D), tl.float32)
+    a_offs = rows.to(tl.int64)[:, None] * m + ks[None, :]  # (BLOCK_M, BLOCK_K) into (B, m)
+    w_ptrs = w_ptr + dcols.to(tl.int64)[None, :] * m + ks[:, None]  # (BLOCK_K, BLOCK_N) of W_encᵀ
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k0 in range(0, m, BLOCK_K):
         k_ok = k0 + ks < m
         _, ga = _grad_a_tile(g_f_ptr, f_ptr, g_l1, a_offs, row_ok[:, None] & k_ok[None, :],
@@ -127,7 +127,7 @@ def _encode_bwd_dx_kernel(
     tl.store(g_x_ptr + rows.to(tl.int64)[:, None] * d + dcols[None, :], g_x, mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["group"])  # one compilation whatever the group
 def _encode_bwd_dw_kernel(
     # pointers
     x_ptr,  # (B, d) input rows
@@ -140,28 +140,28 @@ def _encode_bwd_dw_kernel(
     g_b_enc_ptr,  # (m,) out: grad_b_enc = Σ_rows grad_a (written by the d-tile-0 programs)
     g_b_dec_part_ptr,  # (n_m_tiles, d) fp32 out: −W_enc[:, tile] Σ_rows grad_a[:, tile]
     # sizes
-    B, d, m,
+    B, d, m, group,
     # meta-parameters
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One (BLOCK_D, BLOCK_M) tile of grad_W_enc = (x − b_dec)ᵀ grad_a, reducing over the
+    """One (BLOCK_M, BLOCK_N) tile of grad_W_enc = (x − b_dec)ᵀ grad_a, reducing over the
     batch, plus the column sums s = Σ_rows grad_a of its features, which give
     grad_b_enc = s and grad_b_dec = −Σ_rows grad_x = −W_enc s (this tile's share; the
     launcher sums the shares over feature tiles), so grad_b_dec needs no grad_x GEMM."""
-    n_d = tl.cdiv(d, BLOCK_D)
-    n_m = tl.cdiv(m, BLOCK_M)
-    pid_d, pid_m = tile_ids(tl.program_id(0), n_d, n_m, GROUP)
-    dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_d = tl.cdiv(d, BLOCK_M)
+    n_m = tl.cdiv(m, BLOCK_N)
+    pid_d, pid_m = tile_ids(tl.program_id(0), n_d, n_m, group)
+    dcols = pid_d * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_m * BLOCK_N + tl.arange(0, BLOCK_N)
     ks = tl.arange(0, BLOCK_K)
     d_ok = dcols < d
     col_ok = cols < m
     bd = tl.load(b_dec_ptr + dcols, mask=d_ok, other=0.0).to(tl.float32)
-    x_ptrs = x_ptr + ks.to(tl.int64)[:, None] * d + dcols[None, :]  # (BLOCK_K, BLOCK_D) rows of x
-    a_offs = ks.to(tl.int64)[:, None] * m + cols[None, :]  # (BLOCK_K, BLOCK_M) into (B, m)
-    acc = tl.zeros((BLOCK_D, BLOCK_M), tl.float32)
-    col_sum = tl.zeros((BLOCK_M,), tl.float32)
+    x_ptrs = x_ptr + ks.to(tl.int64)[:, None] * d + dcols[None, :]  # (BLOCK_K, BLOCK_M) rows of x
+    a_offs = ks.to(tl.int64)[:, None] * m + cols[None, :]  # (BLOCK_K, BLOCK_N) into (B, m)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    col_sum = tl.zeros((BLOCK_N,), tl.float32)
     for k0 in range(0, B, BLOCK_K):
         k_ok = k0 + ks < B
         g_l1 = tl.load(g_l1_ptr + k0 + ks, mask=k_ok, other=0.0)[:, None]
@@ -192,16 +192,14 @@ def encode_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_
         {"x": ("B", "d"), "W_enc": ("d", "m"), "b_enc": ("m",), "b_dec": ("d",), "theta": ("m",)},
         ("x", "W_enc", "b_enc", "b_dec"))
     B, d, m = n["B"], n["d"], n["m"]
-    cfg = matmul_config(B, m, d, dtype, interpreted(_encode_fwd_kernel))
+    kernel = _encode_fwd_kernel
+    cfg = tile_config("gemm", dtype, kernel, x.device, B, m, d)
     n_b, n_m = triton.cdiv(B, cfg.BLOCK_M), triton.cdiv(m, cfg.BLOCK_N)
     f = alloc((B, m), dtype, x.device)
     l1_part = alloc((n_m, B), torch.float32, x.device)
     fire_part = alloc((n_b, m), torch.int32, x.device)
-    _encode_fwd_kernel[(n_b * n_m,)](
-        x, W_enc, b_enc, b_dec, theta, f, l1_part, fire_part, B, d, m,
-        BLOCK_B=cfg.BLOCK_M, BLOCK_M=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP=cfg.GROUP,
-        INTERP_BF16=interp_bf16(_encode_fwd_kernel, dtype), PRECISION=dot_precision(dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    group = group_size(kernel, n_b, cfg.BLOCK_M * d * x.element_size())  # x strips stay, W_enc streams
+    launch(kernel, n_b * n_m, cfg, dtype, x, W_enc, b_enc, b_dec, theta, f, l1_part, fire_part, B, d, m, group)
     return f, l1_part.sum(0), fire_part.sum(0, dtype=torch.int32)
 
 
@@ -212,30 +210,28 @@ def encode_backward(grad_f: torch.Tensor, grad_l1: torch.Tensor, x: torch.Tensor
     whose ``need`` flag is set; None for the others."""
     B, d = x.shape
     m = W_enc.shape[1]
-    dtype = x.dtype
+    dtype, size = x.dtype, x.element_size()
     grad_f = grad_f.to(dtype).contiguous()  # upstream grads may arrive expanded or in another dtype
     grad_l1 = grad_l1.to(torch.float32).contiguous()
     grads: list[torch.Tensor | None] = [None] * 4
     if need[0]:
-        cfg = matmul_config(B, d, m, dtype, interpreted(_encode_bwd_dx_kernel))
+        kernel = _encode_bwd_dx_kernel
+        cfg = tile_config("fused", dtype, kernel, x.device, B, d, m)
+        n_b = triton.cdiv(B, cfg.BLOCK_M)
         grads[0] = alloc((B, d), dtype, x.device)
-        grid = (triton.cdiv(B, cfg.BLOCK_M) * triton.cdiv(d, cfg.BLOCK_N),)
-        _encode_bwd_dx_kernel[grid](
-            grad_f, f, grad_l1, W_enc, grads[0], B, d, m,
-            BLOCK_B=cfg.BLOCK_M, BLOCK_D=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP=cfg.GROUP,
-            INTERP_BF16=interp_bf16(_encode_bwd_dx_kernel, dtype), PRECISION=dot_precision(dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        group = group_size(kernel, n_b, 2 * cfg.BLOCK_M * m * size)  # grad_f and f strips
+        launch(kernel, n_b * triton.cdiv(d, cfg.BLOCK_N), cfg, dtype, grad_f, f, grad_l1, W_enc, grads[0],
+               B, d, m, group)
     if any(need[1:]):
-        cfg = matmul_config(d, m, B, dtype, interpreted(_encode_bwd_dw_kernel))
+        kernel = _encode_bwd_dw_kernel
+        cfg = tile_config("fused", dtype, kernel, x.device, d, m, B)
         n_d, n_m = triton.cdiv(d, cfg.BLOCK_M), triton.cdiv(m, cfg.BLOCK_N)
         grad_w = alloc((d, m), dtype, x.device)
         grad_b_enc = alloc((m,), dtype, x.device)
         g_b_dec_part = alloc((n_m, d), torch.float32, x.device)
-        _encode_bwd_dw_kernel[(n_d * n_m,)](
-            x, b_dec, grad_f, f, grad_l1, W_enc, grad_w, grad_b_enc, g_b_dec_part, B, d, m,
-            BLOCK_D=cfg.BLOCK_M, BLOCK_M=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP=cfg.GROUP,
-            INTERP_BF16=interp_bf16(_encode_bwd_dw_kernel, dtype), PRECISION=dot_precision(dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        group = group_size(kernel, n_d, cfg.BLOCK_M * B * size)  # x column strips stay, grad_a streams
+        launch(kernel, n_d * n_m, cfg, dtype, x, b_dec, grad_f, f, grad_l1, W_enc, grad_w, grad_b_enc, g_b_dec_part,
+               B, d, m, group)
         found = (grad_w, grad_b_enc, g_b_dec_part.sum(0).to(dtype))
         grads[1:] = [g if wanted else None for g, wanted in zip(found, need[1:])]
     return tuple(grads)

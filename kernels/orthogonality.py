@@ -18,8 +18,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from esosae.kernels.utils import (ORTH_TILE, alloc, check_inputs, dot_precision, interp_bf16, interpreted,
-                                  mma, nvtx_range, round_to)
+from esosae.kernels.utils import ORTH_TILE, alloc, check_inputs, launch, mma, nvtx_range, round_to, tile_config
 
 
 @triton.jit
@@ -51,6 +50,23 @@ def _cosine_tile(w1_ptr, w2_ptr, rows, cols, row_ok, col_ok, d,
 
 
 @triton.jit
+def _excess_tile(w1_ptr, w2_ptr, tiles_ptr, m1, m2, d, n_cols_tiles, margin,
+                 TILE: tl.constexpr, BLOCK_K: tl.constexpr, HAS_TILES: tl.constexpr,
+                 INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """The prologue of both kernels: this program's tile of c = W1 W2ᵀ (fp32) and its
+    clamped excess max(0, |c| − ρ), 0 outside the matrix. Returns rows, cols, their masks,
+    c and the excess."""
+    ti, tj = _tile_coords(tiles_ptr, n_cols_tiles, HAS_TILES)
+    rows = ti * TILE + tl.arange(0, TILE)
+    cols = tj * TILE + tl.arange(0, TILE)
+    row_ok = rows < m1
+    col_ok = cols < m2
+    c = _cosine_tile(w1_ptr, w2_ptr, rows, cols, row_ok, col_ok, d, TILE, BLOCK_K, INTERP_BF16, PRECISION)
+    excess = tl.where(row_ok[:, None] & col_ok[None, :], tl.maximum(tl.abs(c) - margin, 0.0), 0.0)
+    return rows, cols, row_ok, col_ok, c, excess
+
+
+@triton.jit(do_not_specialize=["n_cols_tiles"])  # one compilation whatever the width
 def _orth_fwd_kernel(
     # pointers
     w1_ptr,  # (m1, d) W_dec1
@@ -64,17 +80,12 @@ def _orth_fwd_kernel(
     INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Σ max(0, |c_ij| − ρ)² over one tile of c = W1 W2ᵀ, reduced in registers."""
-    ti, tj = _tile_coords(tiles_ptr, n_cols_tiles, HAS_TILES)
-    rows = ti * TILE + tl.arange(0, TILE)
-    cols = tj * TILE + tl.arange(0, TILE)
-    row_ok = rows < m1
-    col_ok = cols < m2
-    c = _cosine_tile(w1_ptr, w2_ptr, rows, cols, row_ok, col_ok, d, TILE, BLOCK_K, INTERP_BF16, PRECISION)
-    excess = tl.where(row_ok[:, None] & col_ok[None, :], tl.maximum(tl.abs(c) - margin, 0.0), 0.0)
+    rows, cols, row_ok, col_ok, c, excess = _excess_tile(w1_ptr, w2_ptr, tiles_ptr, m1, m2, d, n_cols_tiles, margin,
+                                                         TILE, BLOCK_K, HAS_TILES, INTERP_BF16, PRECISION)
     tl.store(part_ptr + tl.program_id(0), tl.sum(tl.sum(excess * excess, axis=1), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_cols_tiles"])
 def _orth_bwd_kernel(
     # pointers
     w1_ptr,  # (m1, d) W_dec1
@@ -92,13 +103,8 @@ def _orth_bwd_kernel(
     """Recompute one tile of c, form G = grad_L · s · 2·max(0, |c| − ρ)·sign(c), and add
     G W2[cols] to grad_W1[rows] and Gᵀ W1[rows] to grad_W2[cols], d-chunk by d-chunk.
     A tile whose pairs all lie within the margin has G = 0 and skips the products."""
-    ti, tj = _tile_coords(tiles_ptr, n_cols_tiles, HAS_TILES)
-    rows = ti * TILE + tl.arange(0, TILE)
-    cols = tj * TILE + tl.arange(0, TILE)
-    row_ok = rows < m1
-    col_ok = cols < m2
-    c = _cosine_tile(w1_ptr, w2_ptr, rows, cols, row_ok, col_ok, d, TILE, BLOCK_K, INTERP_BF16, PRECISION)
-    excess = tl.where(row_ok[:, None] & col_ok[None, :], tl.maximum(tl.abs(c) - margin, 0.0), 0.0)
+    rows, cols, row_ok, col_ok, c, excess = _excess_tile(w1_ptr, w2_ptr, tiles_ptr, m1, m2, d, n_cols_tiles, margin,
+                                                         TILE, BLOCK_K, HAS_TILES, INTERP_BF16, PRECISION)
     if tl.max(tl.max(excess, axis=1), axis=0) > 0:
         g_out = tl.load(g_out_ptr)
         G = tl.where(c > 0, 2.0, -2.0) * excess * (scale * g_out)
@@ -122,73 +128,77 @@ def _orth_bwd_kernel(
             c_offs += BLOCK_K
 
 
-def _block_k(d: int, interpret: bool) -> int:
-    """Reduction chunk over d: 64 compiled; 32 interpreted, so small test widths take several steps."""
-    return max(16, min(32 if interpret else 64, triton.next_power_of_2(d)))
-
-
-def _check_tiles(tiles: torch.Tensor | None, n1: int, n2: int, device: torch.device) -> None:
-    """A tile subset must be (n_sel, 2) int32, contiguous, on the weights' device, in range and
-    without repeats (a repeat would be counted twice, unlike the reference's selection mask).
-    One host sync on this small tensor, the price of never misreading an index."""
+def _check_tiles(tiles: torch.Tensor | None, n1: int, n2: int, device: torch.device) -> torch.Tensor | None:
+    """A tile subset must be (n_sel, 2) int32 and contiguous, its entries distinct (row, col)
+    tile indices in range (a repeat would be counted twice, unlike the reference's selection
+    mask). Returns it on the weights' device. Never syncs host and device: tiles on the CPU
+    (the trainer's, from ``esosae.reference.sample_tiles``) are checked there, then copied
+    without blocking; tiles already on the GPU are checked by a device-side assert."""
     if tiles is None:
-        return
+        return None
     if not isinstance(tiles, torch.Tensor) or tiles.dtype != torch.int32:
         raise TypeError(f"orth_penalty: tiles must be an int32 tensor (got {getattr(tiles, 'dtype', type(tiles))})")
     if tiles.dim() != 2 or tiles.shape[1] != 2 or tiles.shape[0] == 0:
         raise ValueError(f"orth_penalty: tiles must have shape (n_sel, 2) with n_sel ≥ 1 (got {tuple(tiles.shape)})")
     if not tiles.is_contiguous():
         raise ValueError("orth_penalty: tiles must be contiguous (call .contiguous() first)")
-    if tiles.device != device:
-        raise ValueError(f"orth_penalty: tiles are on {tiles.device} but the weights on {device}")
+    if tiles.device.type != "cpu" and tiles.device != device:
+        raise ValueError(f"orth_penalty: tiles are on {tiles.device}; pass them on the CPU or on {device}")
     flat = (tiles[:, 0].long() * n2 + tiles[:, 1]).sort().values
     ok = (tiles >= 0).all() & (tiles[:, 0] < n1).all() & (tiles[:, 1] < n2).all() & (flat[1:] != flat[:-1]).all()
-    if not ok:  # host sync
-        raise ValueError(f"orth_penalty: tiles must be distinct (row, col) tile indices within the "
-                         f"{n1}×{n2} grid of {ORTH_TILE}-sized tiles")
+    message = (f"orth_penalty: tiles must be distinct (row, col) tile indices within the "
+               f"{n1}×{n2} grid of {ORTH_TILE}-sized tiles")
+    if tiles.device.type == "cpu":
+        if not ok:  # a CPU tensor: no device involved
+            raise ValueError(message)
+        return tiles.to(device, non_blocking=True)
+    torch._assert_async(ok, message)
+    return tiles
 
 
-def _launch_args(W1: torch.Tensor, W2: torch.Tensor, tiles: torch.Tensor | None) -> tuple:
-    """(grid, n_cols_tiles, scale s, tiles pointer) shared by the two launchers."""
-    m1, m2 = W1.shape[0], W2.shape[0]
+def _orth_launch(kernel: object, W1: torch.Tensor, W2: torch.Tensor, tiles: torch.Tensor | None,
+                 *args: object, **consts: object) -> None:
+    """Launch an orthogonality kernel: one program per selected tile (all tiles without
+    ``tiles``), the architecture's reduction chunk and launch options."""
+    m1, m2, d = W1.shape[0], W2.shape[0], W1.shape[1]
     n1, n2 = triton.cdiv(m1, ORTH_TILE), triton.cdiv(m2, ORTH_TILE)
-    n_sel = n1 * n2 if tiles is None else tiles.shape[0]
-    scale = (n1 * n2) / (n_sel * m1 * m2)
-    return (n_sel,), n2, scale, W1 if tiles is None else tiles  # the pointer is unread without tiles
+    kind = "orth_fwd" if kernel is _orth_fwd_kernel else "orth_bwd"
+    cfg = tile_config(kind, W1.dtype, kernel, W1.device, ORTH_TILE, ORTH_TILE, d)
+    tiles_arg = W1 if tiles is None else tiles  # the pointer is unread without tiles
+    launch(kernel, n1 * n2 if tiles is None else tiles.shape[0], cfg, W1.dtype, W1, W2, tiles_arg, *args,
+           m1, m2, d, n2, **consts, TILE=ORTH_TILE, HAS_TILES=tiles is not None)
+
+
+def _scale(m1: int, m2: int, tiles: torch.Tensor | None) -> float:
+    """s = 1/(m1·m2) · n_tiles/n_sel."""
+    n_tiles = triton.cdiv(m1, ORTH_TILE) * triton.cdiv(m2, ORTH_TILE)
+    return n_tiles / ((n_tiles if tiles is None else tiles.shape[0]) * m1 * m2)
 
 
 @nvtx_range("esosae.orth.fwd")
-def orth_forward(W1: torch.Tensor, W2: torch.Tensor, margin: float, tiles: torch.Tensor | None) -> torch.Tensor:
-    """L (0-dim fp32); see the module doc."""
-    dtype, n = check_inputs("orth_penalty", _orth_fwd_kernel, {"W_dec1": W1, "W_dec2": W2},
-                            {"W_dec1": ("m1", "d"), "W_dec2": ("m2", "d")}, ("W_dec1", "W_dec2"))
+def orth_forward(W1: torch.Tensor, W2: torch.Tensor, margin: float,
+                 tiles: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """L (0-dim fp32), and the tiles on the weights' device for the backward; see the module doc."""
+    _, n = check_inputs("orth_penalty", _orth_fwd_kernel, {"W_dec1": W1, "W_dec2": W2},
+                        {"W_dec1": ("m1", "d"), "W_dec2": ("m2", "d")}, ("W_dec1", "W_dec2"))
     margin = float(margin)
     if not math.isfinite(margin):
         raise ValueError(f"orth_penalty: margin ρ must be a finite number (got {margin})")
-    _check_tiles(tiles, triton.cdiv(n["m1"], ORTH_TILE), triton.cdiv(n["m2"], ORTH_TILE), W1.device)
-    grid, n2, scale, tiles_arg = _launch_args(W1, W2, tiles)
-    part = alloc(grid, torch.float32, W1.device)
-    interpret = interpreted(_orth_fwd_kernel)
-    _orth_fwd_kernel[grid](
-        W1, W2, tiles_arg, part, n["m1"], n["m2"], n["d"], n2, margin,
-        TILE=ORTH_TILE, BLOCK_K=_block_k(n["d"], interpret), HAS_TILES=tiles is not None,
-        INTERP_BF16=interp_bf16(_orth_fwd_kernel, dtype), PRECISION=dot_precision(dtype), num_warps=4, num_stages=3)
-    return part.sum() * scale
+    tiles = _check_tiles(tiles, triton.cdiv(n["m1"], ORTH_TILE), triton.cdiv(n["m2"], ORTH_TILE), W1.device)
+    n_programs = triton.cdiv(n["m1"], ORTH_TILE) * triton.cdiv(n["m2"], ORTH_TILE) if tiles is None else tiles.shape[0]
+    part = alloc((n_programs,), torch.float32, W1.device)
+    _orth_launch(_orth_fwd_kernel, W1, W2, tiles, part, margin=margin)
+    return part.sum() * _scale(n["m1"], n["m2"], tiles), tiles
 
 
 @nvtx_range("esosae.orth.bwd")
 def orth_backward(grad_out: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor, margin: float,
                   tiles: torch.Tensor | None, need: tuple[bool, bool]) -> tuple[torch.Tensor | None, ...]:
     """(grad_W1, grad_W2) in the weights' dtype, None where not needed."""
-    grid, n2, scale, tiles_arg = _launch_args(W1, W2, tiles)
     g1 = torch.zeros(W1.shape, dtype=torch.float32, device=W1.device)  # atomics accumulate into zeros
     g2 = torch.zeros(W2.shape, dtype=torch.float32, device=W2.device)
-    interpret = interpreted(_orth_bwd_kernel)
-    _orth_bwd_kernel[grid](
-        W1, W2, tiles_arg, grad_out.to(torch.float32).contiguous(), g1, g2, W1.shape[0], W2.shape[0], W1.shape[1],
-        n2, margin, scale, TILE=ORTH_TILE, BLOCK_K=_block_k(W1.shape[1], interpret), HAS_TILES=tiles is not None,
-        NEED_W1=need[0], NEED_W2=need[1], INTERP_BF16=interp_bf16(_orth_bwd_kernel, W1.dtype),
-        PRECISION=dot_precision(W1.dtype), num_warps=4, num_stages=3)
+    _orth_launch(_orth_bwd_kernel, W1, W2, tiles, grad_out.to(torch.float32).contiguous(), g1, g2,
+                 margin=margin, scale=_scale(W1.shape[0], W2.shape[0], tiles), NEED_W1=need[0], NEED_W2=need[1])
     return tuple(g.to(W.dtype) if wanted else None for g, W, wanted in ((g1, W1, need[0]), (g2, W2, need[1])))
 
 
@@ -215,7 +225,7 @@ class OrthPenaltyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, W1, W2, margin, tiles):
-        loss = orth_forward(W1, W2, margin, tiles)
+        loss, tiles = orth_forward(W1, W2, margin, tiles)
         ctx.save_for_backward(W1, W2)
         ctx.margin, ctx.tiles = margin, tiles
         return loss

@@ -31,6 +31,7 @@ import nvtx
 import torch
 import triton
 import triton.language as tl
+from triton.backends.compiler import GPUTarget
 from triton.runtime.interpreter import InterpretedFunction
 
 ORTH_TILE = 64
@@ -65,12 +66,13 @@ def round_to(x, DTYPE: tl.constexpr, INTERP_BF16: tl.constexpr):
 
 
 @triton.jit
-def tile_ids(pid, n_rows, n_cols, GROUP: tl.constexpr):
-    """Grouped launch order (Triton's matmul tutorial): GROUP consecutive row tiles walk the
-    column tiles together, so the column operand they share is reused from L2."""
-    width = GROUP * n_cols
-    first = (pid // width) * GROUP
-    size = tl.minimum(n_rows - first, GROUP)
+def tile_ids(pid, n_rows, n_cols, group):
+    """Grouped launch order (Triton's matmul tutorial): ``group`` consecutive row tiles walk
+    the column tiles together, so each column tile is read from memory once per group while
+    the group's row strips stay in L2 (``group_size`` picks it)."""
+    width = group * n_cols
+    first = (pid // width) * group
+    size = tl.minimum(n_rows - first, group)
     return first + (pid % width) % size, (pid % width) // size
 
 
@@ -78,35 +80,118 @@ def tile_ids(pid, n_rows, n_cols, GROUP: tl.constexpr):
 
 
 @dataclass(frozen=True)
-class MatmulConfig:
-    """Tile sizes of one tiled product (M × K) @ (K × N) and the launch options."""
+class TileConfig:
+    """Tiles of one product, output (M × N) reducing over K, and its launch options. Every
+    GEMM kernel names its meta-parameters BLOCK_M / BLOCK_N / BLOCK_K after its own M, N, K
+    (its docstring says which dimensions those are), so ``launch`` passes them unrenamed."""
 
     BLOCK_M: int
     BLOCK_N: int
     BLOCK_K: int
-    GROUP: int
     num_warps: int
     num_stages: int
 
 
+SHARED_LIMIT = {"sm_80": 166_912, "sm_89": 101_376, "sm_90": 232_448}
+"""Shared memory one program may use (bytes, the opt-in maximum per block): A100 163 KiB;
+A10, RTX 3090/4090, L40S 99 KiB; H100/H200 227 KiB."""
+
+ARCHS = {80: "sm_80", 87: "sm_80", 86: "sm_89", 89: "sm_89", 90: "sm_90"}
+"""Compute capability (major·10 + minor) → the config family it runs. The compile check
+(``bench/compile_check.py``) proves every family's configs for sm_80, sm_89 and sm_90."""
+
+_T = TileConfig
+CONFIGS: dict[tuple[str, str, str], TileConfig] = {
+    # (family, operands, kind) → tiles. Operands: "16" bf16/fp16 (tensor cores), "tf32"
+    # (fp32 on tensor cores), "fp32" (IEEE fp32 on the FMA units). Kinds: "gemm", operands
+    # loaded as they are (encoder and decoder forward); "fused", an operand formed in
+    # registers from two or three loads (the four backward products), which needs more
+    # registers and more shared memory per stage. Checked by bench/compile_check.py: no
+    # spills, shared memory within SHARED_LIMIT, tensor-core instructions where they apply.
+    ("sm_90", "16", "gemm"): _T(128, 128, 64, 8, 4),
+    ("sm_90", "16", "fused"): _T(128, 128, 64, 8, 3),
+    ("sm_90", "tf32", "gemm"): _T(128, 128, 32, 8, 4),
+    ("sm_90", "tf32", "fused"): _T(128, 128, 32, 8, 3),
+    ("sm_90", "fp32", "gemm"): _T(64, 64, 32, 8, 3),
+    ("sm_90", "fp32", "fused"): _T(64, 32, 16, 4, 2),
+    ("sm_80", "16", "gemm"): _T(128, 128, 32, 8, 4),
+    ("sm_80", "16", "fused"): _T(128, 128, 32, 8, 3),
+    ("sm_80", "tf32", "gemm"): _T(128, 128, 32, 8, 3),
+    ("sm_80", "tf32", "fused"): _T(128, 64, 32, 8, 3),
+    ("sm_80", "fp32", "gemm"): _T(64, 64, 32, 8, 3),
+    ("sm_80", "fp32", "fused"): _T(64, 32, 16, 4, 2),
+    ("sm_89", "16", "gemm"): _T(128, 128, 32, 8, 3),
+    ("sm_89", "16", "fused"): _T(128, 64, 32, 4, 2),
+    ("sm_89", "tf32", "gemm"): _T(128, 64, 32, 4, 3),
+    ("sm_89", "tf32", "fused"): _T(64, 64, 32, 4, 2),
+    ("sm_89", "fp32", "gemm"): _T(64, 64, 32, 8, 3),
+    ("sm_89", "fp32", "fused"): _T(64, 32, 16, 4, 2),
+    # "orth_fwd" / "orth_bwd": one ORTH_TILE² tile of W1 W2ᵀ per program; BLOCK_K and the
+    # options vary (the backward's two extra products per d-chunk want more warps in fp32).
+    **{(fam, "16", kind): _T(ORTH_TILE, ORTH_TILE, 64, 4 if fam == "sm_90" else 8, 3)
+       for fam in ("sm_80", "sm_89", "sm_90") for kind in ("orth_fwd", "orth_bwd")},
+    **{(fam, "tf32", kind): _T(ORTH_TILE, ORTH_TILE, 32, 4, 3)
+       for fam in ("sm_80", "sm_89", "sm_90") for kind in ("orth_fwd", "orth_bwd")},
+    **{(fam, "fp32", "orth_fwd"): _T(ORTH_TILE, ORTH_TILE, 16, 4, 3) for fam in ("sm_80", "sm_89", "sm_90")},
+    **{(fam, "fp32", "orth_bwd"): _T(ORTH_TILE, ORTH_TILE, 32, 8, 3) for fam in ("sm_80", "sm_89", "sm_90")},
+}
+
+_INTERPRETED = TileConfig(32, 32, 32, 4, 1)
+"""Interpreter tiles: small, so the CPU tests' shapes span several tiles, groups and K steps."""
+
+L2_BUDGET = 24 * 2**20
+"""Bytes of row operand a launch group keeps in L2 (H100 50 MB, A100 40 MB, L40S 96 MB)."""
+
+
+def operand_kind(dtype: torch.dtype) -> str:
+    """The CONFIGS operand key of ``dtype`` under torch's current fp32 matmul precision."""
+    if dtype != torch.float32:
+        return "16"
+    return "tf32" if dot_precision(dtype) == "tf32" else "fp32"
+
+
+def arch_family(device: torch.device) -> str:
+    """The config family of ``device``'s GPU (the compile target inside ``compile_only``)."""
+    if _COMPILE_ONLY is not None:
+        return ARCHS[_COMPILE_ONLY[0]]
+    major, minor = torch.cuda.get_device_capability(device)
+    cap = 10 * major + minor
+    if cap not in ARCHS:
+        name = torch.cuda.get_device_name(device)
+        raise UnsupportedArchError(
+            f"{name} is sm_{cap}; the Triton kernels are configured and checked for sm_80 (A100), "
+            "sm_86/sm_89 (A10, RTX 30xx/40xx, L40S) and sm_90 (H100/H200); use --backend torch")
+    return ARCHS[cap]
+
+
+class UnsupportedArchError(RuntimeError):
+    """A GPU whose architecture has no checked kernel configs."""
+
+
 def _fit(block: int, size: int) -> int:
-    """Tile side for a dimension of ``size``: its next power of two, capped at ``block``, and
+    """Tile side for a dimension of ``size``: its next power of two capped at ``block``, and
     at least 16 (tl.dot's minimum)."""
     return max(16, min(block, triton.next_power_of_2(size)))
 
 
-def matmul_config(M: int, N: int, K: int, dtype: torch.dtype, interpret: bool) -> MatmulConfig:
-    """Tiles for a product with output M × N and reduction K.
+def tile_config(kind: str, dtype: torch.dtype, kernel: object, device: torch.device,
+                M: int, N: int, K: int) -> TileConfig:
+    """The tiles of a ``kind`` ("gemm" or "fused") product, output M × N reducing over K,
+    with ``dtype`` operands on ``device`` (the interpreter's when ``kernel`` is interpreted),
+    each side cut down to the problem's next power of two."""
+    cfg = _INTERPRETED if interpreted(kernel) else CONFIGS[arch_family(device), operand_kind(dtype), kind]
+    return TileConfig(_fit(cfg.BLOCK_M, M), _fit(cfg.BLOCK_N, N), _fit(cfg.BLOCK_K, K), cfg.num_warps, cfg.num_stages)
 
-    Compiled: 128×128×64 tiles, 8 warps, 3 stages for 16-bit operands (tensor cores);
-    64×64×32, 4 warps for fp32. Interpreted: 32×32×32 tiles in groups of 2, so that the small
-    shapes of the CPU tests still span several tiles, groups and reduction steps.
-    """
-    if interpret:
-        return MatmulConfig(_fit(32, M), _fit(32, N), _fit(32, K), 2, 4, 1)
-    if dtype == torch.float32:
-        return MatmulConfig(_fit(64, M), _fit(64, N), _fit(32, K), 8, 4, 3)
-    return MatmulConfig(_fit(128, M), _fit(128, N), _fit(64, K), 8, 8, 3)
+
+def group_size(kernel: object, n_rows: int, row_strip_bytes: int) -> int:
+    """``group`` for ``tile_ids``: as many row tiles as keep their row-operand strips (K long,
+    ``row_strip_bytes`` each) within L2_BUDGET, at most all of them, at least 1. The column
+    operand then streams from memory once per group: once in all when every row tile fits,
+    as at B = 4,096, d = 2,304 in bf16 (32 strips of 576 KiB). Interpreted: 2, so that the
+    tests' few tiles still form several groups."""
+    if interpreted(kernel):
+        return 2
+    return max(1, min(n_rows, L2_BUDGET // max(1, row_strip_bytes)))
 
 
 def interpreted(kernel: object) -> bool:
@@ -125,6 +210,62 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "ieee"
+
+
+def launch(kernel: object, n_programs: int, cfg: TileConfig, dtype: torch.dtype, *args: object,
+           **consts: object) -> None:
+    """Run ``kernel`` on a 1-D grid of ``n_programs`` with ``cfg``'s tiles and launch options,
+    the operand ``dtype``'s INTERP_BF16 and PRECISION, and ``consts``. The one place kernels
+    are launched; inside ``compile_only`` it compiles for the target instead of running."""
+    meta = dict(INTERP_BF16=interp_bf16(kernel, dtype), PRECISION=dot_precision(dtype), **consts)
+    names = kernel.arg_names
+    meta.update({k: getattr(cfg, k) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in names})
+    if _COMPILE_ONLY is not None:
+        compiled = kernel.warmup(*args, grid=(n_programs,), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
+        _COMPILE_ONLY[1].append((compiled, cfg, consts))
+        return
+    kernel[(n_programs,)](*args, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
+
+
+class _TargetDriver:
+    """What Triton's JIT asks of the driver to compile (never to run) for a GPU target."""
+
+    def __init__(self, arch: int):
+        self.arch = arch
+
+    def get_current_target(self) -> GPUTarget:
+        return GPUTarget("cuda", self.arch, 32)
+
+    def get_current_device(self) -> int:
+        return self.arch  # one JIT cache per target
+
+    def get_current_stream(self, device: int) -> int:
+        return 0
+
+
+_COMPILE_ONLY: tuple[int, list] | None = None
+
+
+@contextlib.contextmanager
+def compile_only(arch: int) -> Iterator[list]:
+    """Within this block the ops accept CPU tensors (whose contents are never read) and
+    compile each kernel they would launch for compute capability ``arch`` (80, 89, 90),
+    with the launchers' own tiles, grids and argument specialization, without a GPU. Yields
+    the list that collects (``triton.compiler.CompiledKernel``, TileConfig, mode constexprs)
+    per launch."""
+    global _COMPILE_ONLY
+    from triton.runtime.driver import driver
+
+    if interpreted(mma):
+        raise RuntimeError("compile_only needs compiled kernels: unset TRITON_INTERPRET before importing triton")
+    old, _COMPILE_ONLY = _COMPILE_ONLY, (arch, [])
+    old_driver = driver._active  # None on a machine without a GPU: there is no default to reset to
+    driver.set_active(_TargetDriver(arch))
+    try:
+        yield _COMPILE_ONLY[1]
+    finally:
+        driver.set_active(old_driver)
+        _COMPILE_ONLY = old
 
 
 # -- host-side checks ------------------------------------------------------------------
@@ -180,7 +321,7 @@ def check_device(op: str, kernel: object, tensors: dict[str, torch.Tensor]) -> N
             raise ValueError(f"{op}: tensors are on {device} but the current device is "
                              f"cuda:{torch.cuda.current_device()}; call torch.cuda.set_device({device.index})")
         return
-    if device.type == "cpu" and interpreted(kernel):
+    if device.type == "cpu" and (interpreted(kernel) or _COMPILE_ONLY is not None):
         return
     if device.type == "cpu":
         raise ValueError(f"{op}: the Triton kernels need CUDA tensors; to run them on the CPU, set "

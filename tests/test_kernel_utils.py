@@ -114,14 +114,64 @@ def test_orth_tile_matches_reference():
     assert utils.ORTH_TILE == reference.ORTH_TILE
 
 
-@pytest.mark.parametrize("interpret", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matmul_config_tiles_are_powers_of_two_within_bounds(interpret, dtype):
-    for M, N, K in [(1, 1, 1), (37, 200, 48), (4096, 16384, 2304)]:
-        cfg = utils.matmul_config(M, N, K, dtype, interpret)
-        for block, size in ((cfg.BLOCK_M, M), (cfg.BLOCK_N, N), (cfg.BLOCK_K, K)):
+FAMILIES = ("sm_80", "sm_89", "sm_90")
+KINDS = ("gemm", "fused", "orth_fwd", "orth_bwd")
+
+
+def test_every_family_has_a_config_for_every_kernel_and_precision():
+    assert set(utils.CONFIGS) == {(f, o, k) for f in FAMILIES for o in ("16", "tf32", "fp32") for k in KINDS}
+    assert set(utils.ARCHS.values()) == set(FAMILIES) == set(utils.SHARED_LIMIT)
+    for (fam, ops, kind), cfg in utils.CONFIGS.items():
+        for block in (cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K):
             assert block >= 16 and block & (block - 1) == 0  # tl.dot needs powers of two ≥ 16
-            assert block <= max(16, triton.next_power_of_2(size))
+        assert cfg.num_warps in (4, 8) and 1 <= cfg.num_stages <= 4
+        if kind.startswith("orth"):
+            assert cfg.BLOCK_M == cfg.BLOCK_N == utils.ORTH_TILE  # one program owns one whole tile
+        # the pipeline's operand buffers alone fit the family's shared memory (16-bit or 32-bit elements)
+        size = 2 if ops == "16" else 4
+        assert cfg.num_stages * (cfg.BLOCK_M + cfg.BLOCK_N) * cfg.BLOCK_K * size <= utils.SHARED_LIMIT[fam]
+
+
+def test_operand_kind_follows_dtype_and_matmul_precision():
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert [utils.operand_kind(t) for t in (torch.bfloat16, torch.float16, torch.float32)] == ["16", "16", "fp32"]
+        torch.set_float32_matmul_precision("high")
+        assert utils.operand_kind(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (37, 200, 48), (4096, 16384, 2304)])
+def test_tile_config_fits_the_problem(M, N, K):
+    cfg = utils.tile_config("gemm", torch.float32, _dot_kernel, torch.device("cpu"), M, N, K)
+    for block, size in ((cfg.BLOCK_M, M), (cfg.BLOCK_N, N), (cfg.BLOCK_K, K)):
+        assert 16 <= block <= max(16, triton.next_power_of_2(size)) and block & (block - 1) == 0
+
+
+def test_group_size_keeps_the_row_strips_within_l2():
+    compiled = object()  # not an interpreted function: the compiled rule
+    assert utils.group_size(compiled, 32, 2304 * 128 * 2) == 32  # B 4,096 × d 2,304 bf16: every row tile
+    assert utils.group_size(compiled, 512, 2304 * 128 * 2) == utils.L2_BUDGET // (2304 * 128 * 2)
+    assert utils.group_size(compiled, 8, 10**12) == 1
+    assert utils.group_size(_dot_kernel, 32, 1) == (2 if INTERPRET else 32)
+
+
+def test_unsupported_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(utils.UnsupportedArchError, match=r"Tesla T4 is sm_75.*--backend torch"):
+        utils.arch_family(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    assert utils.arch_family(torch.device("cuda")) == "sm_89"
+
+
+@interpreter_only
+def test_compile_only_needs_compiled_kernels():
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        with utils.compile_only(90):
+            pass
 
 
 def test_dot_precision_follows_torch_matmul_setting():
