@@ -25,6 +25,7 @@ CHOICES = {
     "margins": ("adaptive", "fixed"), "normalize": ("expected_norm", "none"),
     "synthetic": ("easy", "hard"), "cache_dtype": ("float16", "bfloat16"),
     "backend": ("auto", "triton", "torch"), "device": ("auto", "cpu", "cuda"),
+    "dtype": ("auto", "bf16", "fp16", "fp32", "tf32"),
     "profile": ("none", "nvtx", "torch"),
 }
 EXIT_USAGE = 2

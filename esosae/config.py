@@ -254,6 +254,8 @@ class TrainConfig:
     """Kernel backend: 'auto' (triton with CUDA, torch otherwise), 'triton' or 'torch'."""
     device: str = "auto"
     """Device: 'auto' (cuda when present), 'cpu' or 'cuda'."""
+    dtype: str = "auto"
+    """Product precision: 'auto' (bf16 on CUDA, fp32 on the CPU), 'bf16', 'fp16', 'tf32' or 'fp32'; weights stay fp32."""
     eval: bool = True
     """Run the evaluations when training ends."""
     profile: str = "none"
@@ -277,6 +279,7 @@ class TrainConfig:
         _check(bool(self.out_dir), "out_dir must be a directory path")
         _one_of("backend", self.backend, ("auto", "triton", "torch"))
         _one_of("device", self.device, ("auto", "cpu", "cuda"))
+        _one_of("dtype", self.dtype, ("auto", "bf16", "fp16", "fp32", "tf32"))
         _one_of("profile", self.profile, ("none", "nvtx", "torch"))
 
     def _resolve_auto(self) -> None:

@@ -74,21 +74,35 @@ class DualLayerSAE(nn.Module):
         if sample is not None:
             self.b_dec.copy_(sample.mean(0))
 
-    def forward(self, x: torch.Tensor, ops: Backend = TORCH) -> dict[str, torch.Tensor]:
-        """x (B, d), normalized. Returns x_hat, per-row squared error, f and L1 per layer."""
+    def forward(self, x: torch.Tensor, ops: Backend = TORCH,
+                dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """x (B, d), normalized. Returns x_hat, per-row squared error, f and L1 per layer.
+
+        ``dtype``: the operands of the products (esosae.precision), the parameters' own by
+        default. Weights, biases and x are cast to it here, so the fp32 parameters receive
+        fp32 gradients through the casts; θ stays fp32, the L1, squared error and fire
+        counts come back fp32, and x_hat in the parameters' dtype.
+        """
+        param_dtype = self.W_dec1.dtype
+
+        def op(t: torch.Tensor) -> torch.Tensor:
+            return t if dtype is None else t.to(dtype)
+
+        x = op(x)
         if self.cfg.arch == "topk":
-            f1, l1_1, fire1 = reference.topk_encode(x, self.W_enc1, self.b_enc1, self.b_dec, self.cfg.k)
+            f1, l1_1, fire1 = reference.topk_encode(x, op(self.W_enc1), op(self.b_enc1), op(self.b_dec), self.cfg.k)
         else:
-            f1, l1_1, fire1 = ops.encode(x, self.W_enc1, self.b_enc1, self.b_dec, self.theta1)
-        x_hat, sq_err = ops.decode(f1, self.W_dec1, self.b_dec, x)  # (B, d), (B,)
+            f1, l1_1, fire1 = ops.encode(x, op(self.W_enc1), op(self.b_enc1), op(self.b_dec), self.theta1)
+        x_hat, sq_err = ops.decode(f1, op(self.W_dec1), op(self.b_dec), x)  # (B, d), (B,)
         out = {"f1": f1, "l1_1": l1_1, "fire1": fire1}
         if self.cfg.m2 > 0:
             r = x - x_hat  # (B, d): gradients flow through r into layer 1
-            f2, l1_2, fire2 = ops.encode(r, self.W_enc2, self.b_enc2, self.zero_bias, self.theta2)
-            r_hat, sq_err = ops.decode(f2, self.W_dec2, self.zero_bias, r)
+            zero = op(self.zero_bias)
+            f2, l1_2, fire2 = ops.encode(r, op(self.W_enc2), op(self.b_enc2), zero, self.theta2)
+            r_hat, sq_err = ops.decode(f2, op(self.W_dec2), zero, r)
             x_hat = x_hat + r_hat
             out.update(f2=f2, l1_2=l1_2, fire2=fire2)
-        out.update(x_hat=x_hat, sq_err=sq_err)
+        out.update(x_hat=x_hat.to(param_dtype), sq_err=sq_err)
         return out
 
     @torch.no_grad()

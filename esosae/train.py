@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from esosae import schedules
+from esosae import precision, schedules
 from esosae.backend import Backend, get_backend, resolve_device
 from esosae.config import TrainConfig
 from esosae.distributed import Dist
@@ -163,6 +163,8 @@ def train_step(model: DualLayerSAE, opt: torch.optim.Optimizer, ops: Backend, x:
     splits the step into forward / backward / optimizer phases when it is measuring.
     """
     sae_cfg = cfg.sae
+    prec = precision.resolve(cfg.dtype, x.device, ops.name)
+    dtype = precision.operand_dtype(prec)
     tau1, tau2 = set_thresholds(model, cfg, step)
     lam1 = schedules.l1_weight(step, cfg.steps, cfg.schedule, sae_cfg.l1_coeff)
     lam2 = schedules.l1_weight(step, cfg.steps, cfg.schedule, sae_cfg.lambda2)
@@ -170,23 +172,24 @@ def train_step(model: DualLayerSAE, opt: torch.optim.Optimizer, ops: Backend, x:
     for group in opt.param_groups:
         group["lr"] = schedules.lr(step, cfg)
 
-    with ranges("sae_forward"):
-        out = (net or model)(x, ops)
+    with precision.matmul_precision(prec), ranges("sae_forward"):
+        out = (net or model)(x, ops, dtype)
     mse = out["sq_err"].mean()
     l1 = lam1 * out["l1_1"].mean() if sae_cfg.arch != "topk" else torch.zeros((), device=x.device)
     if model.layers == 2:
         l1 = l1 + lam2 * out["l1_2"].mean()
     orth = torch.zeros((), device=x.device)
     if gamma > 0 and step % sae_cfg.orth_every == 0:
+        # drawn on the CPU and handed over as they are: the op checks and copies them without a host sync
         tiles = sample_tiles(sae_cfg.m1, sae_cfg.m2, cfg.orth_block_fraction, step_generator(cfg.seed, step, 1))
-        tiles = tiles.to(x.device) if tiles is not None else None
-        orth = ops.orth_penalty(model.W_dec1, model.W_dec2, sae_cfg.orth_margin, tiles)
+        with precision.matmul_precision(prec):
+            orth = ops.orth_penalty(model.W_dec1.to(dtype), model.W_dec2.to(dtype), sae_cfg.orth_margin, tiles)
     loss = mse + l1 + gamma * orth
     if timer is not None:
         timer.mark("forward")
 
     opt.zero_grad(set_to_none=True)
-    with ranges("backward"):
+    with precision.matmul_precision(prec), ranges("backward"):
         loss.backward()  # under DDP this also all-reduces (averages) the gradients
     if timer is not None:
         timer.mark("backward")
@@ -300,6 +303,7 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, dist: Dist | None
     device = resolve_device(cfg.device) if dist is None else dist.device
     ranges = Ranges(cfg.profile == "nvtx")
     ops = ranges.wrap_backend(get_backend(cfg.backend, device))
+    precision.resolve(cfg.dtype, device, ops.name)  # a --dtype this device cannot run fails before any file is written
     is_main = dist is None or dist.is_main
     if not is_main:
         dist.barrier()  # wait until rank 0 has built (or found) the activation cache

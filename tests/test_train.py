@@ -94,6 +94,8 @@ def test_sigint_then_resume_matches_uninterrupted_run(tmp_path):
     (["--config", "MISSING.json"], "cannot read config"),
     (["--config", "BAD.json"], "not valid JSON"),
     (["--resume", "NOWHERE"], "config.json"),
+    (["--dtype", "bf16", "--device", "cpu", "--backend", "torch"], "--dtype fp32"),
+    (["--dtype", "fp8"], "dtype"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, argv, words, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
