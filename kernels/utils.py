@@ -273,8 +273,8 @@ def compile_only(arch: int) -> Iterator[list]:
 
 def check_inputs(op: str, kernel: object, tensors: dict[str, torch.Tensor],
                  shapes: dict[str, tuple[str, ...]], same_dtype: tuple[str, ...]) -> tuple[torch.dtype, dict[str, int]]:
-    """Raise a clear error unless every tensor has its expected shape, is contiguous and
-    non-empty, sits on one device the kernels can run on, and the ``same_dtype`` group shares
+    """Raise a clear error unless every tensor has its expected shape, is contiguous,
+    16-byte aligned and non-empty, sits on one device the kernels can run on, and the ``same_dtype`` group shares
     one of ``DTYPES`` (the others must be floating point).
 
     ``shapes`` names each dimension, e.g. ``{"x": ("B", "d"), "W": ("d", "m")}``; a name is
@@ -296,6 +296,9 @@ def check_inputs(op: str, kernel: object, tensors: dict[str, torch.Tensor],
             raise ValueError(f"{op}: {name} is empty (shape {tuple(t.shape)})")
         if not t.is_contiguous():
             raise ValueError(f"{op}: {name} must be contiguous (call .contiguous() first)")
+        if t.device.type != "meta" and t.data_ptr() % 16:
+            raise ValueError(f"{op}: {name} starts {t.data_ptr() % 16} bytes past a 16-byte boundary (a view at an "
+                             f"odd offset); pass {name}.clone(), which the kernels' vector loads need")
         if not t.is_floating_point():
             raise TypeError(f"{op}: {name} must be a floating-point tensor (got {t.dtype})")
     dtype = tensors[same_dtype[0]].dtype

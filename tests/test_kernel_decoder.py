@@ -119,6 +119,7 @@ def _args(B=8, d=16, m=32):
     (lambda a: a.__setitem__(3, torch.randn(9, 16, device=DEVICE)), ValueError, "shape"),
     (lambda a: a.__setitem__(2, torch.zeros(1, 16, device=DEVICE)), ValueError, "1-D"),
     (lambda a: a.__setitem__(3, torch.zeros(8, 16, device="meta")), ValueError, "one device"),
+    (lambda a: a.__setitem__(0, torch.rand(8 * 32 + 2, device=DEVICE)[2:].view(8, 32)), ValueError, "f.clone()"),
 ])
 def test_decode_misuse_is_a_clear_error(break_it, error, match):
     args = _args()

@@ -202,6 +202,7 @@ def _args(dtype=torch.float32, B=8, d=16, m=32):
     (lambda a: a.__setitem__(0, a[0][:0]), ValueError, "empty"),
     (lambda a: a.__setitem__(2, torch.zeros(32, device="meta")), ValueError, "one device"),
     (lambda a: a.__setitem__(3, [0.0] * 16), TypeError, "torch.Tensor"),
+    (lambda a: a.__setitem__(1, torch.randn(16 * 32 + 1, device=DEVICE)[1:].view(16, 32)), ValueError, "W_enc.clone()"),
 ])
 def test_encode_misuse_is_a_clear_error(break_it, error, match):
     args = _args()

@@ -148,6 +148,8 @@ def test_orth_bad_tiles_are_a_clear_error(tiles, error, match):
     (lambda: (unit_rows(48, 20).T, unit_rows(30, 48), 0.1), ValueError, "contiguous"),
     (lambda: (unit_rows(20, 48), unit_rows(30, 48), float("nan")), ValueError, "finite"),
     (lambda: (unit_rows(20, 48), unit_rows(0, 48), 0.1), ValueError, "empty"),
+    (lambda: (unit_rows(20, 48), unit_rows(31, 48).flatten()[1:30 * 48 + 1].view(30, 48), 0.1), ValueError,
+     "W_dec2.clone()"),
 ])
 def test_orth_misuse_is_a_clear_error(args, error, match):
     with pytest.raises(error, match=match):
