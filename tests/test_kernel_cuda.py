@@ -160,3 +160,34 @@ def test_orth_penalty_compiled_mid_shape(name, margin, sampled):
     assert out["loss"].dtype == torch.float32 and out["grad_W1"].dtype == out["grad_W2"].dtype == dtype
     assert ref["loss"] > 0
     assert_matches(out, ref, low, name)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "tf32"])
+def test_training_step_never_syncs_host_and_device(dtype):
+    """The trainer's step (thresholds, forward, loss, backward, clip, Adam, constraints, firing
+    statistics, the sampled orthogonality tiles) issues no host-device synchronization:
+    CUDA's sync debug mode turns any into an error. Logging steps sync on purpose and are
+    not run here."""
+    from esosae.backend import get_backend
+    from esosae.config import DataConfig, ScheduleConfig
+    from esosae.train import build, make_source, train_step
+
+    cfg = TrainConfig(data=DataConfig(source="synthetic", synthetic_d=64, synthetic_atoms=256, synthetic_l0=4,
+                                      eval_tokens=256),
+                      sae=SAEConfig(m1=256, m2=256, target_l0=4, orth_block_fraction=0.5),
+                      schedule=ScheduleConfig(gamma_warmup="none"), steps=20, batch_size=512, dtype=dtype,
+                      backend="triton", device="cuda")
+    device = torch.device("cuda")
+    source = make_source(cfg, device)
+    model, opt = build(cfg, source, device)
+    ops = get_backend("triton", device)
+    batches = [source.batch(step, cfg.batch_size).to(device) * model.scale for step in range(3)]
+    train_step(model, opt, ops, batches[0], cfg, 10)  # first call: compiles and initializes Adam's state
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step, x in enumerate(batches[1:], start=11):
+            res = train_step(model, opt, ops, x, cfg, step)
+            assert res["gamma"] > 0  # the orthogonality term with its tile copy is in the step
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
