@@ -2,7 +2,7 @@
 
     python bench/roofline.py [--out bench/results/roofline.md]
 
-Every op of one dual-layer E-SOSAE step as the trainer runs it on CUDA today (dense Triton
+Every op of one dual-layer E-SOSAE step as the trainer runs it on CUDA (dense Triton
 kernels, esosae/train.py ``train_step``) and of SAELens's dense single-layer standard (ReLU +
 L1) step of width M = m1 + m2 gets FLOPs, minimum bytes and intensity I = FLOPs / bytes:
 
@@ -15,10 +15,10 @@ and a step's bound is the sum over its ops (no overlap, no launch latency). Coun
   counted), in the code's dtypes: s bytes per operand (bf16 2, fp32 4); fp32 for masters,
   optimizer state, accumulators and partials;
 - elementwise ops and reductions run at the CUDA-core fp32 rate (memory-bound regardless).
-Precisions: ``bf16`` = fp32 masters cast to bf16 each step, gradients cast back; ``tf32`` =
-fp32 tensors, products at the TF32 rate (today's trainer under
-``torch.set_float32_matmul_precision("high")``); ``fp32`` = today's default ("highest": IEEE
-``tl.dot`` on CUDA cores), in the totals only.
+Precisions (``--dtype``, esosae/precision.py): ``bf16`` (the CUDA default) = fp32 masters
+cast to bf16 each step, gradients cast back; ``tf32`` = fp32 tensors, products at the TF32
+rate (``torch.set_float32_matmul_precision("high")``); ``fp32`` = IEEE ``tl.dot`` on CUDA
+cores, in the totals only.
 """
 
 from __future__ import annotations
@@ -296,9 +296,9 @@ def markdown(date: str) -> str:
         "- FLOPs: 2·M·N·K per product; epilogue arithmetic not counted. Bytes: each operand read once and "
         "each output written once, in the dtype the code uses: operands at 2 B (bf16) or 4 B (tf32/fp32); "
         "fp32 master weights, gradients for the optimizer, Adam state (28 B/param), partials.",
-        "- bf16 = fp32 masters cast to bf16 every step, gradients cast back (the trainer today keeps fp32 "
-        "weights and operands); tf32 = today's kernels with `torch.set_float32_matmul_precision('high')`; "
-        "fp32 = today's default ('highest': IEEE `tl.dot` on CUDA cores, totals only).",
+        "- bf16 (`--dtype bf16`, the CUDA default) = fp32 masters cast to bf16 every step, gradients cast back; "
+        "tf32 (`--dtype tf32`) = fp32 operands with `torch.set_float32_matmul_precision('high')`; "
+        "fp32 (`--dtype fp32`) = IEEE `tl.dot` on CUDA cores, totals only.",
         "- Ours: dual-layer E-SOSAE, m1 = m2, L0 = 32 per layer, dense Triton kernels (encoder, decoder, "
         "orthogonality at the default tile fraction min(1, B/(3·m2)), every sampled tile beyond ρ).",
         "- SAELens: StandardTrainingSAE (ReLU + L1 on f·‖W_dec‖), width m1 + m2, same batch and precision. "
