@@ -4,8 +4,9 @@
 parameter tensor (lerp, mul, addcmul, sqrt, div, add, addcdiv), each its own OpenMP
 parallel region. ``fused=True`` is torch's own one-pass kernel for the same update (the
 same formulas; roundings differ from the unfused passes by a few ulps). On the CPU the
-step runs on one intra-op thread (``torch_ops.serial``): it is memory-bound, and on a
-shared machine a parallel region waits for whichever thread was descheduled.
+step is ``torch_ops.wide`` work: elementwise, so the same numbers on any thread count; it
+takes every intra-op thread while other processes leave the cores free and one otherwise
+(on a shared machine a parallel region waits for whichever thread was descheduled).
 
 Measured at d = 576, m = 4,608 (5.3M parameters, single layer; twice that dual-layer), on
 the project's 2-core machine with other jobs on it (load average ~2.7): one step of the
@@ -19,7 +20,7 @@ from collections.abc import Iterable
 
 import torch
 
-from esosae.torch_ops import serial
+from esosae.torch_ops import wide
 
 FUSED_DEVICES = ("cpu", "cuda")
 """Devices whose tensors torch's fused Adam takes."""
@@ -27,7 +28,7 @@ FUSED_DEVICES = ("cpu", "cuda")
 
 class Adam(torch.optim.Adam):
     """``torch.optim.Adam(fused=True)`` (plain Adam where a parameter is on another device),
-    whose ``step`` runs on one intra-op thread when its parameters are on the CPU."""
+    whose ``step`` on the CPU is ``torch_ops.wide`` work (one thread while the cores are busy)."""
 
     def __init__(self, params: Iterable[torch.Tensor], lr: float, betas: tuple[float, float]):
         params = list(params)
@@ -38,7 +39,7 @@ class Adam(torch.optim.Adam):
     def step(self, closure=None):
         if not self._cpu:
             return super().step(closure)
-        with serial():
+        with wide():
             return super().step(closure)
 
 

@@ -20,7 +20,10 @@ is the work, at d = 576, m = 4608, B = 1024 and L0 ≈ 32 (density 0.7%):
   built), penalty and both gradients in that one pass, and the backward products restricted
   to the pairs past the margin (few: |c| > ρ is rare), so the exact penalty costs about one
   GEMM instead of three.
-- Threads: everything but the large GEMMs runs on one intra-op thread (``serial``).
+- Threads: the large GEMMs use every intra-op thread; index bookkeeping and reductions
+  run on one (``serial``); the large passes whose results do not depend on the thread
+  count (elementwise passes over (B, m), gathers, transposes) use every thread while
+  other processes leave the cores free and one otherwise (``wide``).
 
 grad_f with an ``Active``: the decoder returns the gradient of f on the active pairs only
 (a sparse COO tensor). That is exact for the training step because f's sole producer,
@@ -61,7 +64,11 @@ ORTH_BATCH = 1 << 21
 computed into one buffer and its elementwise work (margin, sum, pairs past it) runs once."""
 
 SERIAL = True
-"""Run everything but the GEMMs on one intra-op thread (see ``serial``)."""
+"""Run everything but the GEMMs on one intra-op thread (see ``serial``), except ``wide`` work
+while the cores are free."""
+WIDE = True
+"""Let the thread-count-independent large passes use every intra-op thread while other
+processes leave the cores free (see ``wide``)."""
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -86,6 +93,57 @@ def serial():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def _running() -> int | None:
+    """Threads running or ready to run on the whole machine now (/proc/loadavg), or None off Linux."""
+    try:
+        with open("/proc/loadavg") as fh:
+            return int(fh.read().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _Cores:
+    """Whether this process's intra-op threads had the CPUs to themselves at the last look.
+
+    A look, taken right after a GEMM on every intra-op thread (their workers still spin
+    then), counts the threads running or ready to run machine-wide: no more than our
+    intra-op threads means that no other process was waiting for a core. Measured on the
+    2-core machine: 2 at every look alone, 3–5 beside one busy process."""
+
+    def __init__(self) -> None:
+        self.free = False
+
+    def look(self) -> bool:
+        running = _running()
+        self.free = running is not None and running <= torch.get_num_threads()
+        return self.free
+
+
+CORES = _Cores()
+
+
+@contextlib.contextmanager
+def wide():
+    """Every intra-op thread while ``WIDE`` and the cores were free at the last look
+    (``CORES``, looked at by each encoder call); one thread (``serial``) otherwise.
+
+    For large passes only, and only those whose result does not depend on the number of
+    threads: elementwise ops, gathers and copies, reductions along a dimension (ATen splits
+    their outputs over threads, never one output's sum; full reductions such as ``dot``
+    or ``sum()`` stay in ``serial``), fused Adam. The choice depends on timing, so it must
+    never change a number (tests/test_torch_ops.py checks it bit for bit). On a free
+    machine the second core then takes half of those passes (the single-layer step at
+    L0 ≈ 32: 62 -> 49 ms beside SAELens's step); under load they stay on one thread,
+    where a parallel region waits on a descheduled thread (an 18 MB add_: 0.7 ms on one
+    thread, 5 ms on two with another job on the second core).
+    """
+    if WIDE and CORES.free:
+        yield
+    else:
+        with serial():
+            yield
 
 
 def _fast(*ts: torch.Tensor) -> bool:
@@ -137,8 +195,12 @@ class Active:
     @classmethod
     def of_mask(cls, mask: torch.Tensor, f: torch.Tensor) -> Active:
         """The pairs where the (B, m) bool ``mask`` is set, with f's values there."""
-        B, m = mask.shape
-        flat = _flat_nonzero(mask)  # (nnz,) ascending: row-major
+        return cls.of_flat(_flat_nonzero(mask), f)
+
+    @classmethod
+    def of_flat(cls, flat: torch.Tensor, f: torch.Tensor) -> Active:
+        """The pairs at the ascending flat positions ``flat`` of the (B, m) f, with f's values there."""
+        B, m = f.shape
         rows = torch.div(flat, m, rounding_mode="floor")
         idx = torch.stack([rows, flat - rows * m])  # (2, nnz)
         return cls(idx, f.reshape(-1).index_select(0, flat), (B, m))
@@ -207,20 +269,24 @@ class _Encode(torch.autograd.Function):
         with serial():
             xc = x - b_dec  # (B, d)
         a = xc @ W_enc  # (B, m)
-        with serial():
+        CORES.look()  # are other processes waiting for a core? (~15 µs)
+        with wide():
             a.add_(b_enc)  # the reference's rounding (addmm would round differently)
             on = torch.gt(a, theta, out=torch.empty_like(a))  # (B, m) 1[a > θ] as 1.0 / 0.0
             f = a.mul_(on)  # in place: f = a·1[a > θ], the reference's product (NaN·0 is NaN there too)
-            row_l1 = f.sum(-1, dtype=_acc_dtype(f))  # (B,)
-            B, m = f.shape
+            row_l1 = f.sum(-1, dtype=_acc_dtype(f))  # (B,) one row per thread: the same sums on any count
             fire = on.sum(0).to(torch.int32)  # (m,) exact: integer partial sums of at most B ones
-            nnz = int(fire.sum(dtype=torch.int64))  # host sync: picks the path (free on the CPU)
-            if nnz <= SPARSE_MAX_DENSITY * B * m:
-                act = Active.of_mask(on.bool(), f)
-                ctx.save_for_backward(xc, W_enc)
-            else:
-                act = None
-                ctx.save_for_backward(xc, W_enc, on)
+        B, m = f.shape
+        nnz = int(fire.sum(dtype=torch.int64))  # host sync: picks the path (free on the CPU)
+        if nnz <= SPARSE_MAX_DENSITY * B * m:
+            with wide():  # nonzero writes its indices in order on any thread count
+                flat = _flat_nonzero(on.bool())  # (nnz,) row-major positions of the active pairs
+            with serial():
+                act = Active.of_flat(flat, f)
+            ctx.save_for_backward(xc, W_enc)
+        else:
+            act = None
+            ctx.save_for_backward(xc, W_enc, on)
         ctx.act = box[0] = act
         ctx.mark_non_differentiable(fire)
         return f, row_l1, fire
@@ -237,15 +303,18 @@ class _Encode(torch.autograd.Function):
                 ga = act.values_of(grad_f)  # (nnz,)
                 if grad_l1 is not None:
                     ga = ga + grad_l1[act.rows].to(ga.dtype)
-                if need_W:
-                    grad_W = act.col_gather(xc, ga).T  # (d, m)
                 if need_b or need_bd:
                     grad_b = torch.zeros(act.shape[1], dtype=ga.dtype).index_add_(0, act.cols, ga)  # (m,)
+                if need_W or need_x:
+                    act.csc()
+            with wide():
+                if need_W:  # W_enc's layout (its grad would be copied into it anyway)
+                    grad_W = act.col_gather(xc, ga).T.contiguous()  # (d, m)
                 if need_x:
                     grad_x = act.row_gather(W_enc.T.contiguous(), ga)  # (B, d)
         else:
             on = ctx.saved_tensors[2]  # (B, m) 1[a > θ] as 1.0 / 0.0
-            with serial():
+            with wide():  # elementwise, and a sum over rows (one column per thread)
                 if grad_f is None:
                     ga = torch.zeros_like(on)
                     if grad_l1 is not None:
@@ -302,13 +371,12 @@ class _Decode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, f, W_dec, bias, target, act, partial):
         if act is not None:
-            with serial():
-                x_hat = act.row_gather(W_dec, act.vals).add_(bias)  # (B, d)
+            with wide():
+                x_hat = act.row_gather(W_dec, act.vals)  # (B, d)
         else:
             x_hat = f @ W_dec  # (B, d)
         with serial():
-            if act is None:
-                x_hat.add_(bias)  # rounded as the reference rounds it
+            x_hat.add_(bias)  # rounded as the reference rounds it
             diff = target - x_hat  # (B, d)
             sq_err = diff.to(_acc_dtype(diff)).square().sum(-1)  # (B,)
         ctx.act, ctx.partial = act, partial
@@ -333,6 +401,9 @@ class _Decode(torch.autograd.Function):
         grad_f = grad_W = None
         if act is not None:
             with serial():
+                if need_W:
+                    act.csc()
+            with wide():
                 if need_f and ctx.partial:
                     grad_f = torch.sparse_coo_tensor(act.indices, act.sampled_dot(G, W_dec), act.shape,
                                                      is_coalesced=True)
@@ -461,9 +532,10 @@ class _Orth(torch.autograd.Function):
                     W2b = W2 if cols is None else W2.index_select(0, cols)  # (s, d): a row copy
                 with serial() if cols is not None else contextlib.nullcontext():  # a tile row: too small to split
                     torch.mm(W1[r0:r1], W2b.T, out=c[start:start + n].view(r1 - r0, w))  # (r, s)
-            with serial():
+            with wide():
                 e = c.abs().sub_(margin).clamp_min_(0)  # max(0, |c| − ρ)
-                total += torch.dot(e, e)
+            with serial():
+                total += torch.dot(e, e)  # a full reduction: its rounding depends on the threads
                 if not want:
                     continue
                 nnz = int(torch.count_nonzero(e))  # host sync (free on the CPU)
@@ -491,6 +563,8 @@ class _Orth(torch.autograd.Function):
             with serial():  # blocks ascend in rows, so the concatenation is row-major
                 rows, cols, vals = (torch.cat(t) for t in zip(*found))
                 act = Active(torch.stack([rows, cols]), vals, (m1, m2))
+                act.csc()
+            with wide():
                 s1, s2 = act.row_gather(W2, vals), act.col_gather(W1, vals)  # (m1, d), (m2, d)
                 g1, g2 = (s1, s2) if g1 is None else (g1.add_(s1), g2.add_(s2))
         if want and g1 is None:  # no pair past the margin
@@ -503,7 +577,7 @@ class _Orth(torch.autograd.Function):
     def backward(ctx, grad_out):
         g1, g2 = ctx.saved_tensors
         need1, need2 = ctx.needs_input_grad[:2]
-        with serial():
+        with wide():
             return (g1 * grad_out if need1 else None, g2 * grad_out if need2 else None, None, None, None)
 
 
@@ -520,4 +594,4 @@ def orth_penalty(
     return _Orth.apply(W_dec1, W_dec2, float(margin), tiles, want)
 
 
-__all__ = ["Active", "attached", "decode", "encode", "orth_penalty", "SPARSE_MAX_DENSITY"]
+__all__ = ["Active", "attached", "decode", "encode", "orth_penalty", "serial", "wide", "SPARSE_MAX_DENSITY"]

@@ -46,8 +46,19 @@ def test_matches_the_default_adam_to_rounding():
         assert (a - r).abs().max() <= 8 * ulp * r.abs().max()  # a few roundings apart
 
 
-def test_step_runs_on_one_thread_and_restores_the_count(monkeypatch):
+class FixedCores:
+    def __init__(self, free: bool):
+        self.free = free
+
+    def look(self) -> bool:
+        return self.free
+
+
+@pytest.mark.parametrize("free", [False, True])
+def test_step_threads_follow_the_cores_and_the_count_is_restored(free, monkeypatch):
+    """One intra-op thread while other processes hold the cores, all of them while free."""
     monkeypatch.setattr(torch_ops, "SERIAL", True)
+    monkeypatch.setattr(torch_ops, "CORES", FixedCores(free))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -61,7 +72,7 @@ def test_step_runs_on_one_thread_and_restores_the_count(monkeypatch):
             return torch.zeros(())
 
         opt.step(closure)
-        assert seen == [1] and torch.get_num_threads() == 2
+        assert seen == [2 if free else 1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 

@@ -435,6 +435,66 @@ def test_training_steps_match_the_reference_backend(arch):
             assert torch.equal(state_o[key], ref), key
 
 
+class FixedCores:
+    """torch_ops.CORES with a fixed answer."""
+
+    def __init__(self, free: bool):
+        self.free = free
+
+    def look(self) -> bool:
+        return self.free
+
+
+def test_wide_work_gives_the_same_numbers_on_one_thread_and_on_two(path, monkeypatch):
+    """torch_ops.wide runs its passes on every thread or on one depending on timing, so a
+    training step (with esosae.optim.Adam) must come out bit for bit the same either way,
+    at sizes where ATen does split those passes over two threads."""
+    from esosae import optim
+
+    data = DataConfig(source="synthetic", synthetic_d=64, synthetic_atoms=256, synthetic_l0=8, eval_tokens=256)
+    sae = SAEConfig(arch="esosae", m1=512, m2=384, target_l0=8, l1_coeff=0.05, gamma_max=1.0,
+                    orth_margin=0.05, orth_block_fraction=0.5)
+    cfg = TrainConfig(data=data, sae=sae, schedule=ScheduleConfig(schedule="const", tau_final=0.02,
+                                                                  gamma_warmup="none", l1_warmup_fraction=0.0),
+                      steps=3, batch_size=256, lr=1e-3, lr_warmup_fraction=0.0, lr_decay_fraction=0.0,
+                      device="cpu", backend="torch")
+    source = make_source(cfg, torch.device("cpu"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    states = {}
+    try:
+        for free in (False, True):
+            monkeypatch.setattr(torch_ops, "CORES", FixedCores(free))
+            torch.manual_seed(cfg.seed)
+            model, _ = build(cfg, source, torch.device("cpu"))
+            opt = optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+            for step in range(cfg.steps):
+                res = train_step(model, opt, TORCH, source.batch(step, cfg.batch_size) * model.scale, cfg, step)
+                assert res["orth"] > 0
+            states[free] = {k: v.clone() for k, v in model.state_dict().items()}
+    finally:
+        torch.set_num_threads(threads)
+    for k, v in states[False].items():
+        assert torch.equal(v, states[True][k]), k
+
+
+@pytest.mark.parametrize("running,threads,free", [(2, 2, True), (1, 2, True), (3, 2, False), (2, 1, False),
+                                                   (None, 2, False)])
+def test_cores_are_free_when_no_other_thread_waits(running, threads, free, monkeypatch):
+    monkeypatch.setattr(torch_ops, "_running", lambda: running)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert torch_ops._Cores().look() is free
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_running_reads_the_machine():
+    n = torch_ops._running()
+    assert n is None or n >= 1  # this test's own thread is running
+
+
 def test_orth_penalty_with_every_pair_inside_the_margin():
     W1, W2 = unit_rows(70, 48), unit_rows(90, 48)
     ours = run_orth(torch_ops.orth_penalty, W1, W2, 0.95, None, 1.0)
