@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import sys
 import types
 import typing
@@ -18,6 +17,7 @@ from typing import Any
 
 from esosae.config import SECTIONS, ConfigError, TrainConfig, field_docs
 from esosae.errors import UserError
+from esosae.rundir import check_new_run, check_writable_dir
 
 CHOICES = {
     "source": ("lm", "synthetic"), "schedule": ("exp", "linear", "const"),
@@ -133,19 +133,6 @@ def prepare(argv: list[str]) -> tuple[TrainConfig, Path, bool, bool]:
     return cfg, Path(cfg.out_dir), False, getattr(ns, "overwrite", False)
 
 
-def claim_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """A new run needs an empty (or absent) directory; ``--overwrite`` clears a used one."""
-    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
-        return
-    if not overwrite:
-        raise ConfigError(f"--out-dir {run_dir} is not empty; pass --resume {run_dir} to continue "
-                          "it or --overwrite to replace it")
-    if run_dir.is_dir():
-        shutil.rmtree(run_dir)
-    else:
-        run_dir.unlink()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Train from command-line flags; under torchrun every rank calls this, rank 0 reports."""
     from esosae import distributed
@@ -155,11 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     dist = None
     try:
         cfg, run_dir, resume, overwrite = prepare(argv)
+        if not resume:
+            check_new_run(run_dir, overwrite)  # checks only: the trainer claims the directory once all else is checked
+        if cfg.model.cache_dir:
+            check_writable_dir(Path(cfg.model.cache_dir), "--cache-dir")
         dist = distributed.from_environment(cfg.device)
-        if (dist is None or dist.is_main) and not resume:
-            claim_run_dir(run_dir, overwrite)
-        if dist is not None:
-            dist.barrier()  # no rank starts before rank 0 has checked and cleared the run directory
         headline = run(cfg, run_dir, resume=resume, dist=dist)
     except UserError as e:
         if distributed.launch_rank() == 0:  # every rank sees the same bad input: say it once

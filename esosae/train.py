@@ -32,15 +32,11 @@ from esosae.evals.core import reconstruction_metrics
 from esosae.margins import effective_margins, pinned_fractions, update_freq, update_margins
 from esosae.profiling import NO_RANGES, Ranges, StepTimer, dense_flops_per_token, gemm_peak_tflops, torch_trace
 from esosae.reference import sample_tiles
+from esosae.rundir import CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, SAE_DIR, SUMMARY_FILE, Claim, truncate_metrics
 from esosae.runio import atomic_torch_save, atomic_write_text
 from esosae.sae import DualLayerSAE
 from esosae.sources import ActivationSource, SyntheticSource, atom_recovery, generator, spec_from_config
 
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_DIR = "checkpoints"
-SAE_DIR = "sae"
-SUMMARY_FILE = "summary.md"
 COS_SAMPLE = 512
 
 
@@ -98,20 +94,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 # -- logging ---------------------------------------------------------------------------
-
-
-def truncate_metrics(path: Path, before_step: int) -> None:
-    """Keep only the well-formed lines logged before ``before_step`` (after a resume)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().split("\n"):
-        try:
-            if json.loads(line)["step"] < before_step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            break  # a torn last line from a crash
-    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 @torch.no_grad()
@@ -293,9 +275,23 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, dist: Dist | None
         progress: bool = True) -> dict[str, Any]:
     """Train (or resume) one run in ``run_dir``; returns the headline metrics (rank 0) or {}.
 
-    Under torchrun (``dist`` given) rank 0 alone builds caches and writes files; every
-    rank reads its own shard of each global batch.
+    A new run claims ``run_dir`` (esosae.rundir.Claim) only once the source and the model
+    are built, and gives it back as it was if it fails before its first checkpoint: an old
+    run there (``--overwrite``) is deleted only after that checkpoint. Under torchrun
+    (``dist`` given) rank 0 alone builds caches and writes files; every rank reads its own
+    shard of each global batch.
     """
+    claim = Claim(run_dir) if not resume and (dist is None or dist.is_main) else None
+    try:
+        return _run(cfg, run_dir, resume, dist, progress, claim)
+    except BaseException:
+        if claim is not None:
+            claim.abort()
+        raise
+
+
+def _run(cfg: TrainConfig, run_dir: Path, resume: bool, dist: Dist | None, progress: bool,
+         claim: Claim | None) -> dict[str, Any]:
     if dist is not None and cfg.batch_size % dist.world:
         raise RunError(f"--batch-size {cfg.batch_size} is the global batch and must divide by the "
                        f"{dist.world} ranks; use a multiple of {dist.world}")
@@ -320,6 +316,8 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, dist: Dist | None
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optim"])
             model.scale, start = ckpt["scale"], ckpt["step"]
+    if claim is not None:
+        claim.begin()
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
@@ -371,6 +369,8 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, dist: Dist | None
                         dist.check_in_sync(model)
                     if is_main:
                         save_checkpoint(run_dir, step + 1, model, opt, cfg, cfg.keep_checkpoints)
+                        if claim is not None:
+                            claim.commit()  # the new run stands on its own: an old run set aside goes now
                 if stop and not done:
                     raise Interrupted(f"interrupted at step {step + 1}/{cfg.steps}; checkpoint saved. "
                                       f"Continue with: python train.py --resume {run_dir}")
