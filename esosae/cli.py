@@ -136,6 +136,7 @@ def prepare(argv: list[str]) -> tuple[TrainConfig, Path, bool, bool]:
 def main(argv: list[str] | None = None) -> int:
     """Train from command-line flags; under torchrun every rank calls this, rank 0 reports."""
     from esosae import distributed
+    from esosae.evals.summary import evaluate
     from esosae.train import Interrupted, run
 
     argv = sys.argv[1:] if argv is None else argv
@@ -147,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.model.cache_dir:
             check_writable_dir(Path(cfg.model.cache_dir), "--cache-dir")
         dist = distributed.from_environment(cfg.device)
-        headline = run(cfg, run_dir, resume=resume, dist=dist)
+        trained = run(cfg, run_dir, resume=resume, dist=dist)
+        headline = evaluate(trained) if trained is not None else {}  # rank 0 evaluates
     except UserError as e:
         if distributed.launch_rank() == 0:  # every rank sees the same bad input: say it once
             print(f"train.py: error: {e}", file=sys.stderr)

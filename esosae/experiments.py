@@ -41,6 +41,7 @@ from esosae.config import ConfigError
 from esosae.errors import UserError
 from esosae.evals.config import EvalConfig
 from esosae.grid import Budget, Variant, budgets, default_knob, select, train_config
+from esosae.rundir import EVAL_DIR
 from esosae.runio import atomic_write_text
 
 PROG = "python -m esosae.experiments"
@@ -84,13 +85,14 @@ def _save(path: Path, state: dict[str, Any]) -> None:
 
 def train_try(v: Variant, b: Budget, knob: float, seed: int, try_dir: Path) -> dict[str, Any]:
     """Train one try (resuming it if a checkpoint is there); the held-out headline metrics."""
+    from esosae.evals.summary import headline
     from esosae.train import latest_checkpoint, run
 
     cfg = train_config(v, b, knob, seed, str(try_dir))
     resume = (try_dir / "config.json").is_file() and latest_checkpoint(try_dir) is not None
     if not resume and try_dir.exists():
         shutil.rmtree(try_dir)  # started, but nothing to resume from
-    return run(cfg, try_dir, resume=resume, progress=False)
+    return headline(run(cfg, try_dir, resume=resume, progress=False))
 
 
 def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: float | None, say: Any) -> dict[str, Any]:
@@ -124,7 +126,7 @@ def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: floa
         say(f"{v.slug}: {name} → L0 {h['l0']:.1f} (target {b.target_l0:g} ± {calibrate.BAND:.0%}), "
             f"FVU {h['fvu']:.3f}, {time.perf_counter() - t0:.0f} s")
     chosen = vdir / state["attempts"][state["chosen"]]["try"]
-    missing = [e for e in EVAL_FILES if not (chosen / "eval" / f"{e}.json").is_file()]
+    missing = [e for e in EVAL_FILES if not (chosen / EVAL_DIR / f"{e}.json").is_file()]
     if missing:
         t0 = time.perf_counter()
         run_all(chosen, progress=False, config=s.evals)

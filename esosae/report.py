@@ -26,17 +26,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
-from esosae.evals.curriculum import read_metrics  # noqa: E402
+from esosae.rundir import EVAL_DIR, METRICS_FILE, PLOTS_DIR, SAE_DIR, SAE_WEIGHTS, read_metrics  # noqa: E402
 from esosae.runio import atomic_file, atomic_write_text  # noqa: E402
 
 REPORT_FILE = "report.md"
-PLOT_DIR = "plots"
 K_VALUES = (1, 2, 5, 10, 20, 50)
 SOURCE_TITLES = {"lm": "Language model", "easy": "Planted dictionary, easy", "hard": "Planted dictionary, hard"}
 
 
 @dataclass
-class Run:
+class GridRun:
     """One grid run as its files describe it."""
 
     source: str
@@ -57,10 +56,10 @@ class Run:
         return self.cal.get("status") == "done" and self.dir is not None
 
     def records(self) -> list[dict[str, Any]]:
-        return read_metrics(self.dir / "metrics.jsonl")
+        return read_metrics(self.dir / METRICS_FILE)
 
     def weights(self) -> dict[str, np.ndarray]:
-        return load_file(str(self.dir / "sae" / "sae.safetensors"))
+        return load_file(str(self.dir / SAE_DIR / SAE_WEIGHTS))
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -75,18 +74,18 @@ def _json(path: Path) -> dict[str, Any]:
     return read_json(path) or {}
 
 
-def load(out: Path) -> dict[str, list[Run]]:
+def load(out: Path) -> dict[str, list[GridRun]]:
     """{source: runs in run order} for every run folder that has a calibration.json."""
-    found: dict[str, list[Run]] = {}
+    found: dict[str, list[GridRun]] = {}
     for cal_path in sorted(out.glob("*/run*/calibration.json")):
         cal = _json(cal_path)
-        r = Run(cal_path.parent.parent.name, cal_path.parent.name, cal)
+        r = GridRun(cal_path.parent.parent.name, cal_path.parent.name, cal)
         if cal.get("status") == "done" and cal.get("chosen") is not None:
             r.dir = cal_path.parent / cal["attempts"][cal["chosen"]]["try"]
-            r.core = _json(r.dir / "eval" / "core.json").get("eval_result_metrics", {})
-            sp = _json(r.dir / "eval" / "sparse_probing.json")
+            r.core = _json(r.dir / EVAL_DIR / "core.json").get("eval_result_metrics", {})
+            sp = _json(r.dir / EVAL_DIR / "sparse_probing.json")
             r.probing, r.probing_details = sp.get("eval_result_metrics", {}), sp.get("eval_result_details", [])
-            r.curriculum = _json(r.dir / "eval" / "curriculum.json").get("eval_result_metrics", {})
+            r.curriculum = _json(r.dir / EVAL_DIR / "curriculum.json").get("eval_result_metrics", {})
         found.setdefault(r.source, []).append(r)
     return {s: sorted(found[s], key=lambda r: r.run) for s in ("lm", "easy", "hard") if s in found}
 
@@ -121,7 +120,7 @@ def _get(d: dict[str, Any], *path: str) -> Any:
 # -- tables --------------------------------------------------------------------------------
 
 
-def core_table(runs: list[Run]) -> list[str]:
+def core_table(runs: list[GridRun]) -> list[str]:
     lm = any(_get(r.core, "model_performance_preservation") for r in runs)
     planted = any(_get(r.core, "planted") for r in runs)
     head = ["run", "variant", "knob", "tries", "L0 (in ±20%)", "L0₁", "L0₂", "FVU"]
@@ -148,14 +147,14 @@ def core_table(runs: list[Run]) -> list[str]:
     return table(head, rows)
 
 
-def calibration_table(runs: list[Run]) -> list[str]:
+def calibration_table(runs: list[GridRun]) -> list[str]:
     rows = [[r.run, r.cal.get("name", r.slug), a["try"], f"{r.cal['knob']} = {fmt(a['knob'])}", a["l0"],
              a.get("fvu"), "✓" if i == r.cal.get("chosen") else "", a.get("wall_s")]
             for r in runs for i, a in enumerate(r.cal.get("attempts", []))]
     return table(["run", "variant", "try", "knob", "held-out L0", "FVU", "chosen", "wall s"], rows)
 
 
-def probing_tables(runs: list[Run]) -> list[str]:
+def probing_tables(runs: list[GridRun]) -> list[str]:
     done = [r for r in runs if r.done and r.probing]
     if not done:
         return ["No sparse-probing results.", ""]
@@ -171,7 +170,7 @@ def probing_tables(runs: list[Run]) -> list[str]:
     return out
 
 
-def curriculum_table(runs: list[Run]) -> list[str]:
+def curriculum_table(runs: list[GridRun]) -> list[str]:
     rows = []
     for r in runs:
         if not r.done:
@@ -189,7 +188,7 @@ def curriculum_table(runs: list[Run]) -> list[str]:
     return table(head, rows)
 
 
-def consistency_tables(runs: list[Run]) -> list[str]:
+def consistency_tables(runs: list[GridRun]) -> list[str]:
     done = [r for r in runs if r.done and r.probing]
     if not done:
         return []
@@ -233,7 +232,7 @@ def _save(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
-def curves_plot(runs: list[Run], path: Path, title: str) -> bool:
+def curves_plot(runs: list[GridRun], path: Path, title: str) -> bool:
     """τ(t), L0(t), FVU(t), dead %(t) of the exp / linear / const runs (2, 3, 4) overlaid."""
     chosen = [r for r in runs if r.done and r.run in (2, 3, 4)]
     if not chosen:
@@ -259,7 +258,7 @@ def curves_plot(runs: list[Run], path: Path, title: str) -> bool:
     return True
 
 
-def probing_plot(runs: list[Run], path: Path, title: str) -> bool:
+def probing_plot(runs: list[GridRun], path: Path, title: str) -> bool:
     done = [r for r in runs if r.done and r.probing]
     if not done:
         return False
@@ -279,7 +278,7 @@ def probing_plot(runs: list[Run], path: Path, title: str) -> bool:
     return True
 
 
-def margins_plot(runs: list[Run], path: Path, title: str) -> bool:
+def margins_plot(runs: list[GridRun], path: Path, title: str) -> bool:
     """Final μ of both layers, run 2 (clamped) against run 5 (unclamped)."""
     pair = [r for r in runs if r.done and r.run in (2, 5)]
     if not pair:
@@ -302,7 +301,7 @@ def margins_plot(runs: list[Run], path: Path, title: str) -> bool:
     return True
 
 
-def cosine_plot(runs: list[Run], path: Path, title: str) -> bool:
+def cosine_plot(runs: list[GridRun], path: Path, title: str) -> bool:
     """|cos| between every layer-1 and layer-2 decoder row: run 2 against run 8 (γ = 0)."""
     pair = [r for r in runs if r.done and r.run in (2, 8)]
     if not pair:
@@ -325,7 +324,7 @@ def cosine_plot(runs: list[Run], path: Path, title: str) -> bool:
     return True
 
 
-def fvu_l0_plot(runs: list[Run], path: Path, title: str) -> bool:
+def fvu_l0_plot(runs: list[GridRun], path: Path, title: str) -> bool:
     done = [r for r in runs if r.done and r.core]
     if not done:
         return False
@@ -397,7 +396,7 @@ def write_report(out: str | Path) -> Path:
         lines += ["### Curriculum", ""] + curriculum_table(runs)
         lines += ["### Calibration tries", ""] + calibration_table(runs)
         for name, fn, what in PLOTS:
-            rel = Path(PLOT_DIR) / f"{source}_{name}.png"
+            rel = Path(PLOTS_DIR) / f"{source}_{name}.png"
             if fn(runs, out / rel, f"{title}: {what}"):
                 lines += [f"![{what}]({rel.as_posix()})", ""]
     path = out / REPORT_FILE

@@ -30,6 +30,8 @@ CHECKPOINT_DIR = "checkpoints"
 SAE_DIR = "sae"
 SUMMARY_FILE = "summary.md"
 EVAL_DIR = "eval"
+SAE_WEIGHTS = "sae.safetensors"  # inside SAE_DIR (DualLayerSAE.save)
+SAE_CONFIG = "cfg.json"
 PLOTS_DIR = "plots"
 
 

@@ -26,10 +26,10 @@ from esosae.backend import TORCH, Backend
 from esosae.config import ConfigError, SAEConfig
 from esosae.errors import UserError
 from esosae.margins import freq_target
+from esosae.rundir import SAE_CONFIG as CONFIG_FILE
+from esosae.rundir import SAE_WEIGHTS as WEIGHTS_FILE
 from esosae.runio import atomic_dir, atomic_write_text
 
-WEIGHTS_FILE = "sae.safetensors"
-CONFIG_FILE = "cfg.json"
 
 
 class DualLayerSAE(nn.Module):

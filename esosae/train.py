@@ -2,7 +2,8 @@
 
 A run directory holds ``config.json``, ``metrics.jsonl`` (one line per logged step, every
 field of METHOD.md §6), ``checkpoints/`` (model, optimizer and step; written atomically),
-``sae/`` (final weights, scale folded in) and ``summary.md``.
+``sae/`` (final weights, scale folded in). The evaluations (summary.md, eval/, plots/) are
+not the trainer's: the CLI and the grid run them on what ``run`` returns.
 
 Every random draw of a step (its batch, its orthogonality tiles) is a pure function of
 (seed, step), so a run resumed from a checkpoint continues bit-for-bit on the CPU.
@@ -28,14 +29,13 @@ from esosae.backend import Backend, get_backend, resolve_device
 from esosae.config import TrainConfig
 from esosae.distributed import Dist
 from esosae.errors import UserError
-from esosae.evals.core import reconstruction_metrics
 from esosae.margins import effective_margins, pinned_fractions, update_freq, update_margins
 from esosae.profiling import NO_RANGES, Ranges, StepTimer, dense_flops_per_token, gemm_peak_tflops, torch_trace
 from esosae.reference import sample_tiles
-from esosae.rundir import CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, SAE_DIR, SUMMARY_FILE, Claim, truncate_metrics
-from esosae.runio import atomic_torch_save, atomic_write_text
+from esosae.rundir import CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, SAE_DIR, Claim, truncate_metrics
+from esosae.runio import atomic_torch_save
 from esosae.sae import DualLayerSAE
-from esosae.sources import ActivationSource, SyntheticSource, atom_recovery, generator, spec_from_config
+from esosae.sources import ActivationSource, SyntheticSource, generator, spec_from_config
 
 COS_SAMPLE = 512
 
@@ -272,8 +272,9 @@ def build(cfg: TrainConfig, source: ActivationSource, device: torch.device) -> t
 
 
 def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, dist: Dist | None = None,
-        progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) one run in ``run_dir``; returns the headline metrics (rank 0) or {}.
+        progress: bool = True) -> Trained | None:
+    """Train (or resume) one run in ``run_dir``; returns the trained model and its source
+    on rank 0 (None on the others), for the caller to evaluate (esosae.evals.summary).
 
     A new run claims ``run_dir`` (esosae.rundir.Claim) only once the source and the model
     are built, and gives it back as it was if it fails before its first checkpoint: an old
@@ -291,7 +292,7 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, dist: Dist | None
 
 
 def _run(cfg: TrainConfig, run_dir: Path, resume: bool, dist: Dist | None, progress: bool,
-         claim: Claim | None) -> dict[str, Any]:
+         claim: Claim | None) -> Trained | None:
     if dist is not None and cfg.batch_size % dist.world:
         raise RunError(f"--batch-size {cfg.batch_size} is the global batch and must divide by the "
                        f"{dist.world} ranks; use a multiple of {dist.world}")
@@ -379,54 +380,28 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, dist: Dist | None, progr
         if metrics_fh is not None:
             metrics_fh.close()
     if not is_main:
-        return {}
-    return finish(model, cfg, source, run_dir, time.perf_counter() - t_start, ops, ranges, progress)
+        return None
+    return finish(model, cfg, source, run_dir, time.perf_counter() - t_start, ops, ranges)
+
+
+@dataclass
+class Trained:
+    """What a finished run hands to the evaluations (esosae.evals.summary): the final model
+    (already saved to ``sae/``), its source, the backend it ran on and its wall time."""
+
+    model: DualLayerSAE
+    cfg: TrainConfig
+    source: ActivationSource
+    run_dir: Path
+    wall_s: float
+    ops: Backend
+    ranges: Ranges = NO_RANGES
 
 
 def finish(model: DualLayerSAE, cfg: TrainConfig, source: ActivationSource, run_dir: Path,
-           wall_s: float, ops: Backend, ranges: Ranges = NO_RANGES, progress: bool = True) -> dict[str, Any]:
-    """Save the final SAE, measure it on held-out data, write summary.md and, unless
-    ``cfg.eval`` is off, run the evaluations (eval/*.json, plots/*.png)."""
+           wall_s: float, ops: Backend, ranges: Ranges = NO_RANGES) -> Trained:
+    """Save the final SAE (scale folded in) to ``sae/``."""
     extra = {"tau_final": cfg.schedule.tau_final, "tau_final2": cfg.schedule.tau_final_2,
              "source": source.describe(), "steps": cfg.steps}
     model.save(run_dir / SAE_DIR, extra)
-    headline = reconstruction_metrics(model, source.heldout(), ops)
-    if isinstance(source, SyntheticSource):
-        rec, _ = atom_recovery([model.W_dec1, model.W_dec2], source.atoms)
-        headline["atom_recovery"] = rec
-    headline["wall_s"] = wall_s
-    atomic_write_text(run_dir / SUMMARY_FILE, summary_markdown(cfg, source, headline))
-    if cfg.eval:
-        from esosae.evals.run import run_all  # the evals import the language-model stack
-
-        with ranges("eval"):
-            results = run_all(run_dir, progress=progress)
-        ce = results.get("core", {}).get("eval_result_metrics", {}).get("model_performance_preservation", {})
-        if "ce_loss_score" in ce:
-            headline["ce_loss_recovered"] = ce["ce_loss_score"]
-    return headline
-
-
-def summary_markdown(cfg: TrainConfig, source: ActivationSource, m: dict[str, Any]) -> str:
-    sae = cfg.sae
-    lines = [
-        "# Run summary", "",
-        f"- SAE: arch `{sae.arch}`, m1 = {sae.m1}, m2 = {sae.m2}"
-        + (f", k = {sae.k}" if sae.arch == "topk" else ""),
-        f"- schedule `{cfg.schedule.schedule}`, τ_0 = {cfg.schedule.tau_0}, τ_T = {cfg.schedule.tau_final}"
-        f" / {cfg.schedule.tau_final_2}; γ warmup `{cfg.schedule.gamma_warmup}`, γ_max = {sae.gamma_max}",
-        f"- margins `{sae.margins}`, clamped = {sae.clamp_margins}; λ = {sae.l1_coeff} / {sae.lambda2}",
-        f"- {cfg.steps} steps × {cfg.batch_size} tokens, seed {cfg.seed}, backend `{cfg.backend}`",
-        f"- source: {json.dumps(source.describe())}",
-        f"- wall time: {m['wall_s']:.1f} s", "",
-        f"Held-out metrics ({m['tokens']} tokens):", "",
-        "| metric | value |", "|---|---|",
-    ]
-    for key in ("fvu", "mse", "l0", "l0_1", "l0_2", "dead_pct", "dense_pct", "cos_mean", "cos_max",
-                "atom_recovery"):
-        if key in m:
-            lines.append(f"| {key} | {m[key]:.4g} |")
-    if "atom_recovery" in m:
-        lines += ["", "atom_recovery: fraction of planted atoms whose best cosine with any decoder "
-                  "row (either layer) is ≥ 0.9."]
-    return "\n".join(lines) + "\n"
+    return Trained(model, cfg, source, run_dir, wall_s, ops, ranges)

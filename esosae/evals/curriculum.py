@@ -28,13 +28,13 @@ and the same for γ(t) against the normalized fall of the mean cross-layer |c_ij
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from esosae.config import TrainConfig
+from esosae import rundir
 from esosae.errors import UserError
 from esosae.sae import DualLayerSAE
 
@@ -53,18 +53,9 @@ class CurriculumError(UserError):
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The well-formed lines of ``metrics.jsonl`` (a torn last line from a crash is skipped)."""
     try:
-        lines = path.read_text().split("\n")
+        records = rundir.read_metrics(path)
     except OSError as e:
         raise CurriculumError(f"cannot read {path} ({e.strerror or e}); is this a run directory?") from None
-    records = []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        if not isinstance(rec, dict) or "step" not in rec:
-            break
-        records.append(rec)
     if not records:
         raise CurriculumError(f"{path} has no logged steps; train the run first")
     return records

@@ -27,9 +27,9 @@ from typing import Any
 
 from esosae.config import TrainConfig
 from esosae.models import stop_layer
+from esosae.rundir import EVAL_DIR
 from esosae.runio import atomic_write_text
 
-EVAL_DIR = "eval"
 
 
 def sae_cfg_dict(cfg: TrainConfig, d_in: int) -> dict[str, Any]:

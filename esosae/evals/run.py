@@ -31,10 +31,10 @@ from esosae.evals.config import EvalConfig
 from esosae.evals.core import lm_core_metrics, reconstruction_metrics
 from esosae.evals.planted import planted_probing
 from esosae.models import LoadedModel, cache_root, check_hook, load_model, note
+from esosae.rundir import CONFIG_FILE, METRICS_FILE, SAE_DIR
 from esosae.sae import DualLayerSAE
 from esosae.sources import SyntheticSource, atom_recovery, spec_from_config
 
-CONFIG_FILE, METRICS_FILE, SAE_DIR = "config.json", "metrics.jsonl", "sae"
 
 
 class EvalError(UserError):
