@@ -2,8 +2,9 @@
 
 One cache is a folder ``<cache>/activations/<model>__<hook>__<dataset hash>/``:
 
-    meta.json           the settings it was built for, row counts, dtype, the scale s, and
-                        the byte size and sha256 of every file below
+    meta.json           the manifest (esosae/manifest.py): the settings it was built for,
+                        row counts, the scale s, the byte size and sha256 of every file
+                        below, and a checksum of meta.json's own content
     train_00000.npy …   (≤ CHUNK_ROWS, d) training activations, memory-mapped when read
     heldout.npy         (eval_tokens, d) held-out activations, from contexts that give no
                         training row
@@ -18,7 +19,8 @@ A cache is written into a temporary sibling and renamed into place when complete
 interrupted harvest never leaves a folder that looks finished; a lock on the parent folder
 lets one process harvest while others wait for its result. Reuse needs the same
 settings (model, hook, dataset files, context size, token counts, dtype, seed) and every
-checksum to match; otherwise the cache is rebuilt, with a message saying why.
+checksum, meta.json's own included, to match; otherwise the cache is rebuilt, with a
+message saying why (an edited scale or row count is never trained on).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -40,16 +41,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from esosae import data
+from esosae import data, manifest
 from esosae.config import TrainConfig
 from esosae.errors import UserError
-from esosae.models import LoadedModel, cache_root, check_hook, file_sha256, hook_activations, load_model, note
+from esosae.models import LoadedModel, cache_root, check_hook, hook_activations, load_model, note
 from esosae.runio import atomic_dir
 from esosae.sources import ArraySource
 
 FORMAT_VERSION = 1
 CHUNK_ROWS = 1 << 17
-META = "meta.json"
 PID_FILE = "harvesting.pid"
 STORAGE = {"float16": (np.float16, torch.float16), "bfloat16": (np.uint16, torch.bfloat16)}
 
@@ -81,30 +81,6 @@ def wanted_settings(cfg: TrainConfig, sources: list[data.TextSource]) -> dict[st
             "dataset": [s.describe() for s in sources], "context_size": d.context_size,
             "harvest_tokens": d.harvest_tokens, "eval_tokens": d.eval_tokens,
             "dtype": d.cache_dtype, "data_seed": d.data_seed, "shuffle_contexts": data.SHUFFLE_CONTEXTS}
-
-
-def _file_record(path: Path) -> dict[str, Any]:
-    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
-
-
-def cache_problem(folder: Path, wanted: dict[str, Any]) -> str | None:
-    """Why the cache in ``folder`` cannot be reused, or None when it can."""
-    try:
-        meta = json.loads((folder / META).read_text())
-        files, settings = meta["files"], meta["settings"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        return "no cache yet" if not folder.exists() else f"{META} is missing or damaged"
-    if settings != wanted:
-        diff = [k for k in wanted if settings.get(k) != wanted[k]]
-        return "built for " + ", ".join("other dataset files" if k == "dataset" else
-                                        f"{k}={settings.get(k)} (now {wanted[k]})" for k in diff)
-    for name, rec in files.items():
-        path = folder / name
-        if not path.is_file() or path.stat().st_size != rec["bytes"]:
-            return f"{name} is missing or truncated"
-        if file_sha256(path) != rec["sha256"]:
-            return f"{name} does not match its checksum"
-    return None
 
 
 # -- reading -----------------------------------------------------------------------------
@@ -156,9 +132,9 @@ class ActivationCache:
         return float(self.meta["scale"])
 
 
-def open_cache(folder: Path) -> ActivationCache:
-    """Open a cache that ``cache_problem`` accepted (nothing is read into memory but held-out)."""
-    meta = json.loads((folder / META).read_text())
+def open_cache(folder: Path, meta: dict[str, Any]) -> ActivationCache:
+    """Open a cache whose manifest ``meta`` was verified by ``manifest.read`` (or just written):
+    meta.json is not read again, and nothing is read into memory but the held-out set."""
     dtype = STORAGE[meta["settings"]["dtype"]][1]
     chunks = [np.load(folder / name, mmap_mode="r") for name in meta["train_files"]]
     heldout = _as_torch(np.load(folder / "heldout.npy"), dtype)
@@ -205,8 +181,9 @@ def _remove_stale_temps(folder: Path) -> None:
 
 
 def harvest(cfg: TrainConfig, sources: list[data.TextSource], folder: Path, model: LoadedModel,
-            progress: bool = True) -> None:
-    """Run ``model`` over the text mixture and write a complete cache to ``folder``."""
+            progress: bool = True) -> dict[str, Any]:
+    """Run ``model`` over the text mixture, write a complete cache to ``folder`` and return
+    its manifest."""
     d_cfg, hook = cfg.data, cfg.model.hook
     check_hook(model, hook)
     stream = data.contexts(sources, model.tokenizer, model.bos_id, d_cfg.context_size, d_cfg.data_seed)
@@ -253,12 +230,11 @@ def harvest(cfg: TrainConfig, sources: list[data.TextSource], folder: Path, mode
         (tmp / PID_FILE).unlink()
         names = writer.files + ["heldout.npy", "heldout_tokens.npy"]
         seconds = time.perf_counter() - t0
-        meta = {"settings": wanted_settings(cfg, sources), "d": model.d_model,
-                "train_rows": writer.n, "heldout_rows": len(held_rows), "train_files": writer.files,
-                "scale": (model.d_model * writer.n / sum_sq) ** 0.5, "bos_id": model.bos_id,
-                "harvest_seconds": seconds, "tokens_per_s": (n_held + writer.n) / seconds,
-                "files": {name: _file_record(tmp / name) for name in names}}
-        (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+        meta = manifest.write(tmp, wanted_settings(cfg, sources), names, d=model.d_model,
+                              train_rows=writer.n, heldout_rows=len(held_rows), train_files=writer.files,
+                              scale=(model.d_model * writer.n / sum_sq) ** 0.5, bos_id=model.bos_id,
+                              harvest_seconds=seconds, tokens_per_s=(n_held + writer.n) / seconds)
+    return meta
 
 
 @contextlib.contextmanager
@@ -278,16 +254,17 @@ def ensure_cache(cfg: TrainConfig, device: torch.device | str = "cpu", progress:
     """The cache for ``cfg``: reused when it matches, otherwise (re)built."""
     sources = data.parse_sources(cfg.data.dataset)
     folder, wanted = cache_folder(cfg), wanted_settings(cfg, sources)
-    if cache_problem(folder, wanted) is not None:
+    meta = manifest.read(folder, wanted)  # the verified manifest, or why the cache cannot be used
+    if isinstance(meta, str):
         with _build_lock(folder.parent):
-            problem = cache_problem(folder, wanted)  # another process may have built it meanwhile
-            if problem is not None:
+            meta = manifest.read(folder, wanted)  # another process may have built it meanwhile
+            if isinstance(meta, str):
                 if folder.exists():
-                    note(f"activation cache {folder}: {problem}; rebuilding it")
-                harvest(cfg, sources, folder, load_model(cfg.model, device), progress)
-                return open_cache(folder)
+                    note(f"activation cache {folder}: {meta}; rebuilding it")
+                meta = harvest(cfg, sources, folder, load_model(cfg.model, device), progress)
+                return open_cache(folder, meta)
     note(f"using cached activations in {folder}")
-    return open_cache(folder)
+    return open_cache(folder, meta)
 
 
 def lm_source(cfg: TrainConfig, device: torch.device | str = "cpu") -> ArraySource:

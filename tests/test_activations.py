@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 from lm_helpers import D_TINY, TINY, register_tiny, write_txt
+from test_manifest import DAMAGED_META, EDITED, flip_digit, write_meta
 
-from esosae import activations, models
+from esosae import activations, manifest, models
 from esosae.config import DataConfig, ModelConfig, TrainConfig
 from esosae.sources import ArraySource
 
@@ -90,7 +91,7 @@ def test_same_settings_reuse_the_cache(tmp_path, tiny, monkeypatch, capsys):
 def test_concurrent_builds_harvest_once(tmp_path, tiny, monkeypatch):
     cfg = tiny_cfg(tmp_path)
     real, calls = activations.harvest, []
-    monkeypatch.setattr(activations, "harvest", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    monkeypatch.setattr(activations, "harvest", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     with ThreadPoolExecutor(2) as pool:
         first, second = pool.map(lambda _: snapshot(build(cfg)), range(2))
     assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(first, second))
@@ -105,7 +106,7 @@ def test_mismatch_rebuilds_with_a_message(tmp_path, tiny, capsys):
     with open(cfg.data.dataset, "a") as fh:
         fh.write("w1 w2 w3\n")
     build(cfg)
-    assert "other dataset files" in capsys.readouterr().err
+    assert "built for other dataset; rebuilding" in capsys.readouterr().err
     assert leftovers(cfg) == [activations.cache_folder(cfg).name]
 
 
@@ -139,7 +140,46 @@ def test_flipped_bytes_fail_the_checksum(tmp_path, tiny):
     with open(folder / "heldout.npy", "r+b") as fh:
         fh.seek(-4, 2)
         fh.write(b"\x00\x7c\x00\x7c")
-    assert "does not match its checksum" in activations.cache_problem(folder, activations.wanted_settings(cfg, sources))
+    assert manifest.read(folder, activations.wanted_settings(cfg, sources)) == "heldout.npy does not match its checksum"
+
+
+def test_intact_cache_is_reused_reading_each_file_once(tmp_path, tiny, monkeypatch, capsys):
+    cfg = tiny_cfg(tmp_path)
+    meta = build(cfg).meta
+    real_sha, hashed = manifest.file_sha256, []
+    monkeypatch.setattr(manifest, "file_sha256", lambda path: (hashed.append(path.name), real_sha(path))[1])
+    real_read, reads = manifest.read, []
+    monkeypatch.setattr(manifest, "read", lambda *a: (reads.append(1), real_read(*a))[1])
+    monkeypatch.setattr(activations, "harvest", lambda *a, **k: pytest.fail("harvested again"))
+    cache = build(cfg)
+    assert "using cached activations" in capsys.readouterr().err
+    assert len(reads) == 1 and sorted(hashed) == sorted(meta["files"])  # meta.json read once, each file hashed once
+    assert cache.meta == meta and cache.scale == meta["scale"]
+
+
+META_EDITS = {  # what is done to meta.json → why the cache is rebuilt
+    "scale": (lambda t: flip_digit(t, "scale"), EDITED),
+    "train_rows": (lambda t: flip_digit(t, "train_rows"), EDITED),
+    "file checksum": (lambda t: flip_digit(t, "sha256"), EDITED),
+    "setting": (lambda t: flip_digit(t, "context_size"), EDITED),
+    **DAMAGED_META,
+}
+
+
+@pytest.mark.parametrize("edit", META_EDITS)
+def test_edited_or_damaged_meta_json_is_rebuilt_never_trained_on(tmp_path, tiny, capsys, edit):
+    change, reason = META_EDITS[edit]
+    cfg = tiny_cfg(tmp_path)
+    cache = build(cfg)
+    first, scale = snapshot(cache), cache.scale
+    path = activations.cache_folder(cfg) / manifest.META
+    write_meta(path, change(path.read_text()))
+    again = build(cfg)
+    err = capsys.readouterr().err
+    assert f"{reason}; rebuilding it" in err and "using cached activations" not in err
+    assert again.scale == scale and all(torch.equal(a, b) for a, b in zip(first, snapshot(again)))
+    assert isinstance(manifest.read(again.folder, activations.wanted_settings(
+        cfg, activations.data.parse_sources(cfg.data.dataset))), dict)
 
 
 def test_interrupted_harvest_leaves_no_cache(tmp_path, tiny, monkeypatch):
@@ -198,7 +238,7 @@ def test_lm_source_is_an_array_source(tmp_path, tiny):
     x = src.batch(3, 64)
     assert x.shape == (64, D_TINY) and x.dtype == torch.float32
     assert src.heldout().shape == (100, D_TINY)
-    assert src.norm_scale() == activations.open_cache(activations.cache_folder(cfg)).scale
+    assert src.norm_scale() == build(cfg).scale
 
 
 @pytest.fixture(scope="session")

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 from lm_helpers import TINY, WORDS, register_tiny, write_txt
+from test_manifest import DAMAGED_META, EDITED, flip_digit, write_meta
 
-from esosae import cli, models
+from esosae import cli, manifest, models
 from esosae.backend import TORCH
-from esosae.config import DataConfig, SAEConfig, TrainConfig
+from esosae.config import DataConfig, ModelConfig, SAEConfig, TrainConfig
 from esosae.evals import probe_cache, probing, tasks
 from esosae.evals.cli import main as eval_main
 from esosae.evals.config import EvalConfig
@@ -109,6 +110,61 @@ def test_length_batches_cover_every_text_longest_first_within_the_budget():
     batches = probe_cache.length_batches(lengths, 64)
     assert [b.tolist() for b in batches] == [[5], [1, 4], [0, 2, 3, 6]]  # 61 tokens; 2 x 31; 4 x 6
     assert all(len(b) * (lengths[b].max() + 1) <= 64 for b in batches)
+
+
+# -- the probing cache ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def probing_cache(tmp_path, monkeypatch):
+    """``ensure`` for a small probing file on the tiny Llama: returns (build, folder, model loads),
+    where build() returns the opened cache's arrays."""
+    register_tiny(monkeypatch)
+    ds = tasks.build(tasks.resolve(str(write_probe_file(tmp_path / "p.jsonl"))), 40, 16, seed=0)
+    wanted = probe_cache.settings(ds, TINY, "blocks.1.hook_out", 12, (40, 16), seed=0)
+    root, loads = tmp_path / "cache", []
+
+    def get_model():
+        loads.append(1)
+        return models.load_model(ModelConfig(model=TINY, cache_dir=str(root)))
+
+    def build():
+        acts = probe_cache.ensure(ds, wanted, root, get_model, "blocks.1.hook_out", 256, progress=False)
+        return [np.array(acts.rows), acts.offsets, acts.pooled]
+
+    return build, probe_cache.cache_folder(root, wanted), loads
+
+
+def test_probing_cache_is_reused_hashing_each_file_once(probing_cache, monkeypatch, capsys):
+    build, folder, loads = probing_cache
+    first = build()
+    real_sha, hashed = manifest.file_sha256, []
+    monkeypatch.setattr(manifest, "file_sha256", lambda path: (hashed.append(path.name), real_sha(path))[1])
+    again = build()
+    assert loads == [1] and "rebuilding" not in capsys.readouterr().err
+    assert sorted(hashed) == sorted(probe_cache.FILES)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+
+
+PROBE_META_EDITS = {  # what is done to meta.json → why the cache is rebuilt
+    "n_tokens": (lambda t: flip_digit(t, "n_tokens"), EDITED),
+    "file checksum": (lambda t: flip_digit(t, "sha256"), EDITED),
+    "setting": (lambda t: flip_digit(t, "context_size"), EDITED),
+    **DAMAGED_META,
+}
+
+
+@pytest.mark.parametrize("edit", PROBE_META_EDITS)
+def test_edited_or_damaged_probing_meta_json_is_rebuilt(probing_cache, capsys, edit):
+    change, reason = PROBE_META_EDITS[edit]
+    build, folder, loads = probing_cache
+    first = build()
+    path = folder / manifest.META
+    write_meta(path, change(path.read_text()))
+    capsys.readouterr()
+    again = build()
+    assert f"probing cache {folder}: {reason}; rebuilding it" in capsys.readouterr().err and loads == [1, 1]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
 
 
 # -- probes --------------------------------------------------------------------------------

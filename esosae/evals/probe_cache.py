@@ -5,8 +5,9 @@ SAE features are nonlinear in the activations, so their per-text mean needs ever
 the cache keeps each text's per-token activations (text positions only, BOS and pad
 dropped), compactly. One folder ``<cache>/probing/<model>__<hook>__<dataset>__<digest>/``:
 
-    meta.json     settings, the texts' sha256, row counts, and the byte size and sha256 of
-                  every file below (checked on every reuse, as the harvest cache is)
+    meta.json     the manifest (esosae/manifest.py): settings, the texts' sha256, row
+                  counts, the byte size and sha256 of every file below, and a checksum of
+                  meta.json's own content (all checked on every reuse, as the harvest cache is)
     rows.npy      (n_tokens, d) float16: text i's tokens are rows[offsets[i]:offsets[i + 1]]
     offsets.npy   (n_texts + 1,) int64
     pooled.npy    (n_texts, d) float32: each text's mean row (the ``llm`` probes' inputs),
@@ -33,13 +34,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from esosae import manifest
 from esosae.errors import UserError
 from esosae.evals.tasks import ProbeDataset
-from esosae.models import LoadedModel, file_sha256, hook_activations, note
+from esosae.models import LoadedModel, hook_activations, note
 from esosae.runio import atomic_dir
 
 FORMAT_VERSION = 1
-META = "meta.json"
 FILES = ("rows.npy", "offsets.npy", "pooled.npy")
 
 
@@ -81,24 +82,6 @@ def cache_folder(root: Path, wanted: dict[str, Any]) -> Path:
     slug = "__".join(re.sub(r"[^A-Za-z0-9._-]+", "-", str(wanted[k])).strip("-")
                      for k in ("model", "hook")) + "__" + re.sub(r"[^A-Za-z0-9._-]+", "-", wanted["dataset"]["name"])
     return root / "probing" / f"{slug}__{digest}"
-
-
-def cache_problem(folder: Path, wanted: dict[str, Any]) -> str | None:
-    """Why the cache in ``folder`` cannot be reused, or None when it can."""
-    try:
-        meta = json.loads((folder / META).read_text())
-        files, stored = meta["files"], meta["settings"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        return "no cache yet" if not folder.exists() else f"{META} is missing or damaged"
-    if stored != wanted:
-        return "built for other settings"
-    for name in FILES:
-        path, rec = folder / name, files.get(name)
-        if rec is None or not path.is_file() or path.stat().st_size != rec["bytes"]:
-            return f"{name} is missing or truncated"
-        if file_sha256(path) != rec["sha256"]:
-            return f"{name} does not match its checksum"
-    return None
 
 
 def open_cache(folder: Path) -> ProbeActivations:
@@ -149,10 +132,7 @@ def harvest(model: LoadedModel, texts: list[str], hook: str, context_size: int, 
         del rows
         np.save(tmp / "offsets.npy", offsets)
         np.save(tmp / "pooled.npy", pooled)
-        meta = {"settings": wanted, "d": model.d_model, "n_tokens": int(offsets[-1]),
-                "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)}
-                          for name in FILES}}
-        (tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
+        manifest.write(tmp, wanted, list(FILES), d=model.d_model, n_tokens=int(offsets[-1]))
 
 
 def ensure(dataset: ProbeDataset, wanted: dict[str, Any], root: Path, get_model: Callable[[], LoadedModel],
@@ -160,10 +140,10 @@ def ensure(dataset: ProbeDataset, wanted: dict[str, Any], root: Path, get_model:
     """The cache for ``dataset``: reused when it matches, otherwise computed (the model is
     loaded through ``get_model`` only then)."""
     folder = cache_folder(root, wanted)
-    problem = cache_problem(folder, wanted)
-    if problem is not None:
+    found = manifest.read(folder, wanted)  # the verified manifest, or why the cache cannot be used
+    if isinstance(found, str):
         if folder.exists():
-            note(f"probing cache {folder}: {problem}; rebuilding it")
+            note(f"probing cache {folder}: {found}; rebuilding it")
         note(f"caching {wanted['model']} activations at {hook} on {len(dataset.texts):,} "
              f"{dataset.name} texts in {folder}")
         harvest(get_model(), dataset.texts, hook, wanted["context_size"], batch_tokens, folder, wanted, progress)
