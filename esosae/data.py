@@ -22,6 +22,7 @@ Everything is a pure function of the seed.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -98,11 +99,44 @@ def _local_files(path: Path, name: str) -> tuple[Path, ...]:
         if path.suffix not in FORMATS:
             raise DataError(f"dataset {name!r}: unsupported file type {path.suffix!r}; use "
                             f"{', '.join(FORMATS)}")
-        return (path,)
-    files = tuple(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FORMATS))
+        files: tuple[Path, ...] = (path,)
+    else:
+        files = tuple(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FORMATS))
     if not files:
         raise DataError(f"dataset folder {name!r} holds no {', '.join(FORMATS)} files")
+    for f in files:
+        _check_text_file(f, name)
     return files
+
+
+def _check_text_file(path: Path, name: str) -> None:
+    """A .txt, .jsonl or .json file must be non-empty UTF-8 text (no NUL bytes), and JSON
+    Lines must hold objects with a ``text`` field; found here, before anything is written or
+    loaded, rather than as a traceback in the middle of the harvest. Reads the whole file:
+    text datasets given as local files are megabytes, read again by the harvest anyway."""
+    if path.suffix == ".parquet":
+        return
+    what = f"dataset {name!r}: {path.name}"
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{what} cannot be read ({e.strerror or e})") from None
+    if not raw.strip():
+        raise DataError(f"{what} is empty; pass a file with text in it")
+    if b"\0" in raw:
+        raise DataError(f"{what} is not a text file (it holds NUL bytes); pass UTF-8 text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{what} is not UTF-8 (byte {e.start}); convert it, e.g. iconv -t UTF-8") from None
+    if path.suffix == ".jsonl":
+        first = next(line for line in text.split("\n") if line.strip())
+        try:
+            row = json.loads(first)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{what} is not valid JSON Lines (first row: {e.msg})") from None
+        if not isinstance(row, dict) or "text" not in row:
+            raise DataError(f"{what}: rows must be JSON objects with a 'text' field")
 
 
 def _hub_check(name: str, why_not_local: str) -> None:

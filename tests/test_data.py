@@ -113,12 +113,31 @@ def test_parquet_and_missing_text_field(tmp_path, tok):
         all_contexts(data.parse_sources(str(tmp_path / "u.parquet")), tok)
 
 
-@pytest.mark.parametrize("content", ["", "w1 w2\n"])
-def test_empty_dataset_is_one_line_error(tmp_path, tok, content):
+@pytest.mark.parametrize("content,words", [("", "is empty"), ("\n \n", "is empty"), ("w1 w2\n", "is it empty?")])
+def test_empty_dataset_is_one_line_error(tmp_path, tok, content, words):
     (tmp_path / "e.txt").write_text(content)
     with pytest.raises(data.DataError) as e:
         all_contexts(data.parse_sources(str(tmp_path / "e.txt")), tok)
-    assert "is it empty?" in str(e.value) and "\n" not in str(e.value)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name,content,words", [
+    ("latin1.txt", "caf\xe9 cr\xe8me\n".encode("latin-1"), "not UTF-8"),
+    ("blob.txt", bytes(range(256)) * 4, "not a text file"),
+    ("empty.jsonl", b"", "is empty"),
+    ("broken.jsonl", b'{"text": "w1 w2"\n', "not valid JSON Lines"),
+    ("notext.jsonl", b'{"body": "w1 w2"}\n', "'text' field"),
+    ("list.jsonl", b'["w1 w2"]\n', "'text' field"),
+])
+def test_unreadable_text_files_are_named_before_anything_runs(tmp_path, name, content, words):
+    """Found when the --dataset is resolved (before any directory is written or model loaded),
+    not as a traceback mid-harvest."""
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(data.DataError) as e:
+        data.parse_sources(str(tmp_path / name))
+    assert words in str(e.value) and name in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(data.DataError, match=words):  # in a folder too
+        data.parse_sources(str(tmp_path))
 
 
 def test_mixture_is_deterministic_and_weighted(tmp_path, tok):
