@@ -42,7 +42,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -339,8 +341,8 @@ class _Encode(torch.autograd.Function):
                 if need_W or need_x:
                     act.csc()
             with wide():
-                if need_W:  # W_enc's layout (its grad would be copied into it anyway)
-                    grad_W = act.col_gather(xc, ga).T.contiguous()  # (d, m)
+                if need_W:  # a view: autograd copies it into W_enc's layout (none if W_enc is stored as W_encᵀ)
+                    grad_W = act.col_gather(xc, ga).T  # (d, m)
                 if need_x:
                     grad_x = act.row_gather(W_enc.T.contiguous(), ga)  # (B, d)
         else:
@@ -531,6 +533,48 @@ def _orth_pairs(k: torch.Tensor, batch, widths: list[int], sizes: list[int]) -> 
     return rows, cols.index_select(0, torch.tensor(_starts(widths))[b] + j)
 
 
+_helper: ThreadPoolExecutor | None = None
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _tile_rows(W1: torch.Tensor, W2: torch.Tensor, pieces: list, two: bool) -> None:
+    """out = W1[r0:r1] W2[cols]ᵀ for each (r0, r1, cols, out), every product on one intra-op
+    thread; with ``two``, a helper thread takes tile rows too (as many as it gets to first:
+    the rows differ in width). Each product is the same call on either thread, so the
+    numbers do not depend on which thread made them. Torch releases the GIL inside both."""
+    global _helper
+
+    def run(piece) -> None:
+        r0, r1, cols, out = piece
+        W2b = W2.index_select(0, cols)  # (s, d): a row copy
+        torch.mm(W1[r0:r1], W2b.T, out=out)  # (r, s)
+
+    if not two or len(pieces) < 2:
+        for piece in pieces:
+            run(piece)
+        return
+    if _helper is None:
+        _helper = ThreadPoolExecutor(1, thread_name_prefix="esosae-orth", initializer=_one_thread)
+    todo = iter(pieces)
+    lock = threading.Lock()
+
+    def drain() -> None:
+        with torch.no_grad():  # grad mode is per thread: the helper's is on
+            while True:
+                with lock:
+                    piece = next(todo, None)
+                if piece is None:
+                    return
+                run(piece)
+
+    other = _helper.submit(drain)
+    drain()
+    other.result()
+
+
 class _Orth(torch.autograd.Function):
     """L = scale · Σ max(0, |c_ij| − ρ)², c = W1 W2ᵀ, over all pairs or the selected tiles;
     with G = scale · 2·sign(c)·max(0, |c| − ρ):  ∂L/∂W1 = G W2,  ∂L/∂W2 = Gᵀ W1.
@@ -559,11 +603,15 @@ class _Orth(torch.autograd.Function):
             widths = [m2 if cols is None else cols.numel() for _, _, cols in batch]
             sizes = [(r1 - r0) * w for (r0, r1, _), w in zip(batch, widths)]
             c = torch.empty(sum(sizes), dtype=W1.dtype)  # (Σ r·s,)
-            for (r0, r1, cols), w, start, n in zip(batch, widths, _starts(sizes), sizes):
+            pieces = [(r0, r1, cols, c[start:start + n].view(r1 - r0, w))
+                      for (r0, r1, cols), w, start, n in zip(batch, widths, _starts(sizes), sizes)]
+            if tiles is None:  # bands against all of W_dec2: GEMMs large enough for every thread
+                for r0, r1, _, out in pieces:
+                    torch.mm(W1[r0:r1], W2.T, out=out)  # (r, m2)
+            else:  # a tile row's GEMM is too small to split: one thread each, two tile rows at once if free
+                two = WIDE and CORES.free and torch.get_num_threads() > 1
                 with serial():
-                    W2b = W2 if cols is None else W2.index_select(0, cols)  # (s, d): a row copy
-                with serial() if cols is not None else contextlib.nullcontext():  # a tile row: too small to split
-                    torch.mm(W1[r0:r1], W2b.T, out=c[start:start + n].view(r1 - r0, w))  # (r, s)
+                    _tile_rows(W1, W2, pieces, two)
             with wide():
                 e = c.abs().sub_(margin).clamp_min_(0)  # max(0, |c| − ρ)
             with serial():
