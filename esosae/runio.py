@@ -18,10 +18,6 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import torch
-
 
 TEMP_GLOB = ".*.*.tmp"
 """The temporary siblings the writers below create (``tempfile.mk*temp`` names)."""
@@ -97,11 +93,6 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_file(path) as tmp:
         tmp.write_text(text)
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    with atomic_file(path) as tmp:
-        torch.save(obj, tmp)
 
 
 @contextlib.contextmanager

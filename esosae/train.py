@@ -26,14 +26,16 @@ from tqdm.auto import tqdm
 
 from esosae import precision, schedules
 from esosae.backend import Backend, get_backend, resolve_device
+from esosae.checkpoint import checkpoint_path, latest_checkpoint, resume_checkpoint, save_checkpoint  # noqa: F401
 from esosae.config import TrainConfig
 from esosae.distributed import Dist
 from esosae.errors import UserError
 from esosae.margins import effective_margins, pinned_fractions, update_freq, update_margins
+from esosae.models import note
 from esosae.profiling import NO_RANGES, Ranges, StepTimer, dense_flops_per_token, gemm_peak_tflops, torch_trace
 from esosae.reference import sample_tiles
-from esosae.rundir import CHECKPOINT_DIR, CONFIG_FILE, METRICS_FILE, SAE_DIR, Claim, truncate_metrics
-from esosae.runio import atomic_torch_save
+from esosae.rundir import CONFIG_FILE, METRICS_FILE, SAE_DIR, Claim, truncate_metrics
+from esosae.runio import Interrupted  # noqa: F401  (the CLIs catch train.Interrupted)
 from esosae.sae import DualLayerSAE
 from esosae.sources import ActivationSource, SyntheticSource, generator, spec_from_config
 
@@ -44,10 +46,6 @@ class RunError(UserError):
     """A run that cannot start or continue; the message names the file and what to do."""
 
 
-class Interrupted(Exception):
-    """Training stopped on SIGINT after saving a checkpoint."""
-
-
 def make_source(cfg: TrainConfig, device: torch.device) -> ActivationSource:
     """The activation source the config names."""
     if cfg.data.source == "synthetic":
@@ -56,41 +54,6 @@ def make_source(cfg: TrainConfig, device: torch.device) -> ActivationSource:
     from esosae.activations import lm_source
 
     return lm_source(cfg, device)
-
-
-# -- checkpoints -----------------------------------------------------------------------
-
-
-def checkpoint_path(run_dir: Path, step: int) -> Path:
-    return run_dir / CHECKPOINT_DIR / f"step_{step:08d}.pt"
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / CHECKPOINT_DIR).glob("step_*.pt"))
-    return found[-1] if found else None
-
-
-def save_checkpoint(run_dir: Path, step: int, model: DualLayerSAE, opt: torch.optim.Optimizer,
-                    cfg: TrainConfig, keep: int) -> Path:
-    path = checkpoint_path(run_dir, step)
-    state = {"step": step, "model": model.state_dict(), "optim": opt.state_dict(),
-             "scale": model.scale, "config": cfg.to_dict()}
-    atomic_torch_save(state, path)
-    for old in sorted((run_dir / CHECKPOINT_DIR).glob("step_*.pt"))[:-keep]:
-        old.unlink(missing_ok=True)
-    return path
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        step = int(state["step"])
-        assert {"model", "optim", "scale"} <= state.keys()
-    except Exception as e:  # any unpickling or missing-key failure means a damaged file
-        raise RunError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}); "
-                       "delete it to resume from an earlier one") from None
-    state["step"] = step
-    return state
 
 
 # -- logging ---------------------------------------------------------------------------
@@ -310,13 +273,8 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, dist: Dist | None, progr
         dist.barrier()
     model, opt = build(cfg, source, device)
     start = 0
-    if resume:
-        ckpt_file = latest_checkpoint(run_dir)
-        if ckpt_file is not None:
-            ckpt = load_checkpoint(ckpt_file)
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optim"])
-            model.scale, start = ckpt["scale"], ckpt["step"]
+    if resume:  # the newest intact checkpoint, checked against cfg (esosae.checkpoint)
+        start = resume_checkpoint(run_dir, cfg, model, opt, say=note if is_main else None)
     if claim is not None:
         claim.begin()
     if is_main:
@@ -369,7 +327,8 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, dist: Dist | None, progr
                     if dist is not None:
                         dist.check_in_sync(model)
                     if is_main:
-                        save_checkpoint(run_dir, step + 1, model, opt, cfg, cfg.keep_checkpoints)
+                        save_checkpoint(run_dir, step + 1, model, opt, cfg, cfg.keep_checkpoints,
+                                        deliver_sigint=not stop)  # stopping: a 2nd Ctrl-C mid-write is dropped
                         if claim is not None:
                             claim.commit()  # the new run stands on its own: an old run set aside goes now
                 if stop and not done:
