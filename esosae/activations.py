@@ -45,7 +45,7 @@ from esosae import data, manifest
 from esosae.config import TrainConfig
 from esosae.errors import UserError
 from esosae.models import LoadedModel, cache_root, check_hook, hook_activations, load_model, note
-from esosae.runio import atomic_dir
+from esosae.runio import Interrupted, atomic_dir
 from esosae.sources import ArraySource
 
 FORMAT_VERSION = 1
@@ -180,6 +180,19 @@ def _remove_stale_temps(folder: Path) -> None:
             pass  # no pid yet, or another user's process: leave it
 
 
+@contextlib.contextmanager
+def _ctrl_c_stops_cleanly() -> Iterator[None]:
+    """Ctrl-C during a harvest: atomic_dir removes the temporary folder, and the command stops
+    with one line and exit code 130 (runio.Interrupted) instead of a traceback."""
+    try:
+        yield
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted during the activation harvest; no partial cache was kept. "
+                          "Run the same command again to harvest from the start") from None
+
+
 def harvest(cfg: TrainConfig, sources: list[data.TextSource], folder: Path, model: LoadedModel,
             progress: bool = True) -> dict[str, Any]:
     """Run ``model`` over the text mixture, write a complete cache to ``folder`` and return
@@ -192,32 +205,31 @@ def harvest(cfg: TrainConfig, sources: list[data.TextSource], folder: Path, mode
     held, held_tokens = [], []
     n_held, sum_sq, t0 = 0, 0.0, time.perf_counter()
     _remove_stale_temps(folder)
-    with atomic_dir(folder) as tmp:
+    with _ctrl_c_stops_cleanly(), atomic_dir(folder) as tmp:
         (tmp / PID_FILE).write_text(str(os.getpid()))
         writer = _ChunkWriter(tmp, d_cfg.harvest_tokens, model.d_model, np_dtype)
-        bar = tqdm(total=d_cfg.eval_tokens + d_cfg.harvest_tokens, unit="tok", unit_scale=True,
-                   desc="harvest", dynamic_ncols=True, mininterval=2.0, disable=not progress)
-        for tokens in data.batches(stream, d_cfg.harvest_batch):  # (B, T + 1)
-            acts = hook_activations(model, tokens, hook).to("cpu", torch_dtype)  # (B, T + 1, d)
-            if not torch.isfinite(acts).all():
-                raise CacheError(f"activations at {hook} overflow {d_cfg.cache_dtype}; "
-                                 "use --cache-dtype bfloat16")
-            keep = model.keep(tokens)  # (B, T + 1)
-            counts = keep.sum(1)  # (B,)
-            to_held = (counts.cumsum(0) - counts) < d_cfg.eval_tokens - n_held  # (B,) whole contexts
-            if to_held.any():
-                rows = acts[to_held][keep[to_held]][:d_cfg.eval_tokens - n_held]
-                held.append(rows)
-                held_tokens.append(tokens[to_held])
-                n_held += len(rows)
-            rows = acts[~to_held][keep[~to_held]]  # (n, d) text positions of training contexts
-            rows = rows[torch.from_numpy(rng.permutation(len(rows)))][:d_cfg.harvest_tokens - writer.n]
-            sum_sq += rows.double().square().sum().item()
-            writer.write(rows.view(torch.uint16).numpy() if np_dtype is np.uint16 else rows.numpy())
-            bar.update(int(keep.sum()))
-            if writer.n == d_cfg.harvest_tokens:
-                break
-        bar.close()
+        with tqdm(total=d_cfg.eval_tokens + d_cfg.harvest_tokens, unit="tok", unit_scale=True,
+                  desc="harvest", dynamic_ncols=True, mininterval=2.0, disable=not progress) as bar:
+            for tokens in data.batches(stream, d_cfg.harvest_batch):  # (B, T + 1)
+                acts = hook_activations(model, tokens, hook).to("cpu", torch_dtype)  # (B, T + 1, d)
+                if not torch.isfinite(acts).all():
+                    raise CacheError(f"activations at {hook} overflow {d_cfg.cache_dtype}; "
+                                     "use --cache-dtype bfloat16")
+                keep = model.keep(tokens)  # (B, T + 1)
+                counts = keep.sum(1)  # (B,)
+                to_held = (counts.cumsum(0) - counts) < d_cfg.eval_tokens - n_held  # (B,) whole contexts
+                if to_held.any():
+                    rows = acts[to_held][keep[to_held]][:d_cfg.eval_tokens - n_held]
+                    held.append(rows)
+                    held_tokens.append(tokens[to_held])
+                    n_held += len(rows)
+                rows = acts[~to_held][keep[~to_held]]  # (n, d) text positions of training contexts
+                rows = rows[torch.from_numpy(rng.permutation(len(rows)))][:d_cfg.harvest_tokens - writer.n]
+                sum_sq += rows.double().square().sum().item()
+                writer.write(rows.view(torch.uint16).numpy() if np_dtype is np.uint16 else rows.numpy())
+                bar.update(int(keep.sum()))
+                if writer.n == d_cfg.harvest_tokens:
+                    break
         writer.close()
         if writer.n < d_cfg.harvest_tokens:
             raise CacheError(f"--dataset {d_cfg.dataset!r} ran out after {n_held + writer.n:,} tokens; "
