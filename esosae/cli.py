@@ -10,107 +10,53 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import types
-import typing
 from pathlib import Path
-from typing import Any
 
-from esosae.config import SECTIONS, ConfigError, TrainConfig, field_docs
+from esosae.args import OneLineParser, add_fields
+from esosae.config import SECTIONS, ConfigError, TrainConfig, field_specs
 from esosae.errors import UserError
 from esosae.rundir import check_new_run, check_writable_dir
 
-CHOICES = {
-    "source": ("lm", "synthetic"), "schedule": ("exp", "linear", "const"),
-    "gamma_warmup": ("synced", "linear", "none"), "arch": ("esosae", "relu", "topk"),
-    "margins": ("adaptive", "fixed"), "normalize": ("expected_norm", "none"),
-    "synthetic": ("easy", "hard"), "cache_dtype": ("float16", "bfloat16"),
-    "backend": ("auto", "triton", "torch"), "device": ("auto", "cpu", "cuda"),
-    "dtype": ("auto", "bf16", "fp16", "fp32", "tf32"),
-    "profile": ("none", "nvtx", "torch"),
-}
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors raise ConfigError, so ``main`` reports them as one line."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        raise ConfigError(message)
-
-
-def _optional(tp: Any) -> tuple[Any, bool]:
-    """(inner type, is_optional) for annotations like ``int | None``."""
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], True
-    return tp, False
-
-
-def _parse_optional(inner: type) -> Any:
-    def parse(text: str) -> Any:
-        return None if text.lower() in ("none", "auto", "") else inner(text)
-
-    parse.__name__ = inner.__name__
-    return parse
-
-
-def _config_fields() -> list[tuple[str | None, dataclasses.Field, str]]:
-    """(section or None, field, help) for every leaf field of TrainConfig."""
-    out = []
-    for cls, section in [(c, s) for s, c in SECTIONS.items()] + [(TrainConfig, None)]:
-        docs = field_docs(cls)
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.name in SECTIONS and cls is TrainConfig:
-                continue
-            f.type = hints[f.name]
-            out.append((section, f, docs.get(f.name, "")))
-    return out
+def _config_fields() -> list[tuple[str | None, str]]:
+    """(section or None, field name) for every leaf field of TrainConfig."""
+    return [(section, name) for section, cls in [*SECTIONS.items(), (None, TrainConfig)]
+            for name, spec in field_specs(cls).items() if not dataclasses.is_dataclass(spec.kind)]
 
 
 def build_parser(prog: str = "train.py") -> OneLineParser:
+    """Every TrainConfig field is a flag (esosae.args), grouped by section; only the flags
+    given land in the namespace, so a --config file's settings stay unless a flag overrides them."""
     p = OneLineParser(prog=prog, description="Train a sparse autoencoder (E-SOSAE by default).",
                       argument_default=argparse.SUPPRESS)
     p.add_argument("--config", metavar="FILE.json", help="Start from the settings in this JSON file.")
     p.add_argument("--resume", metavar="RUN_DIR", help="Continue the run in RUN_DIR from its last checkpoint.")
     p.add_argument("--overwrite", action="store_true", help="Replace a non-empty --out-dir.")
-    for section, f, help_text in _config_fields():
-        group_title = section or "training"
-        group = next((g for g in p._action_groups if g.title == group_title), None)
-        group = group or p.add_argument_group(group_title)
-        names = [f"--{f.name.replace('_', '-')}"]
-        if "_" in f.name:
-            names.append(f"--{f.name}")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        kw: dict[str, Any] = {"dest": f.name, "help": f"{help_text} (default: {default})"}
-        inner, optional = _optional(f.type)
-        if inner is bool:
-            group.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
-            continue
-        if f.name in CHOICES:
-            kw["choices"] = CHOICES[f.name]
-        kw["type"] = _parse_optional(inner) if optional else inner
-        group.add_argument(*names, metavar=f.name.upper(), **kw)
+    for section, cls in [*SECTIONS.items(), ("training", TrainConfig)]:
+        add_fields(p, cls, title=section)
     return p
 
 
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:
     """Defaults ← --config file ← flags; validation errors raise ConfigError."""
     # Overlay raw dicts, not resolved configs: fields left unset stay "auto" until the
-    # final TrainConfig resolves them against the final source and arch.
+    # final TrainConfig resolves them against the final source and arch. The flags' values
+    # are already converted (esosae.args); from_dict converts the file's the same way.
     d = TrainConfig.read_json(ns.config) if getattr(ns, "config", None) else {}
-    for section, f, _ in _config_fields():
-        if hasattr(ns, f.name):
+    for section, name in _config_fields():
+        if hasattr(ns, name):
             target = d.setdefault(section, {}) if section else d
             if not isinstance(target, dict):
                 raise ConfigError(f"config section {section!r} must be an object")
-            target[f.name] = getattr(ns, f.name)
+            target[name] = getattr(ns, name)
     return TrainConfig.from_dict(d)
 
 
 def given_config_flags(ns: argparse.Namespace) -> list[str]:
-    return [f.name for _, f, _ in _config_fields() if hasattr(ns, f.name)]
+    return [name for _, name in _config_fields() if hasattr(ns, name)]
 
 
 def prepare(argv: list[str]) -> tuple[TrainConfig, Path, bool, bool]:

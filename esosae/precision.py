@@ -25,9 +25,10 @@ from typing import Iterator
 
 import torch
 
+from esosae.config import Dtype, choices
 from esosae.errors import UserError
 
-CHOICES = ("auto", "bf16", "fp16", "fp32", "tf32")
+CHOICES = choices(Dtype)  # declared once, in esosae.config
 _OPERAND = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
 
 
