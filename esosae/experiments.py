@@ -31,13 +31,13 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 
 from esosae import calibrate, report
-from esosae.cli import OneLineParser
-from esosae.config import ConfigError
+from esosae.args import OneLineParser, add_fields
+from esosae.config import ConfigError, PosInt, Range, Seed
 from esosae.errors import UserError
 from esosae.evals.config import EvalConfig
 from esosae.grid import Budget, Variant, budgets, default_knob, select, train_config
@@ -211,21 +211,37 @@ def run_parallel(sources: list[str], variants: tuple[Variant, ...], s: Settings,
 # -- the command ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class GridFlags:
+    """The flags of ``python -m esosae.experiments`` (esosae.args builds the parser from these)."""
+
+    grid: str = "method"
+    """Which grid: method, the ten runs of METHOD.md §8."""
+    out: str | None = None
+    """Output folder (default: experiments/method, or experiments/quick with --quick)."""
+    quick: bool = False
+    """Tiny budgets: the ten runs in minutes on 2 CPU cores."""
+    tokens: PosInt | None = None
+    """Training tokens per language-model run (default: 307,200)."""
+    synthetic_steps: PosInt | None = None
+    """Steps per planted-source run (default: 1,000)."""
+    sources: str | None = None
+    """Comma list of lm, easy, hard (default: all three; lm alone with --quick)."""
+    runs: str | None = None
+    """Comma list of run numbers (default: all)."""
+    seed: Seed = 0
+    """Seed of every run (run 9 adds 1)."""
+    max_tries: Annotated[int, Range(ge=1)] | None = None
+    """Calibration tries per run (default: 3; 2 with --quick)."""
+    jobs: Annotated[int, Range(ge=1)] = min(2, os.cpu_count() or 1)
+    """Runs trained side by side, each on cores/jobs threads (default: 2, or 1 on one core)."""
+    retry_failed: bool = False
+    """Rerun runs that failed in an earlier invocation."""
+
+
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog=PROG, description="Run the METHOD.md §8 comparison grid and write its report.")
-    p.add_argument("--grid", default="method", help="Which grid (default: method, the ten runs of METHOD.md §8).")
-    p.add_argument("--out", help="Output folder (default: experiments/method, or experiments/quick with --quick).")
-    p.add_argument("--quick", action="store_true", help="Tiny budgets: the ten runs in minutes on 2 CPU cores.")
-    p.add_argument("--tokens", type=int, help="Training tokens per language-model run (default: 307,200).")
-    p.add_argument("--synthetic-steps", type=int, help="Steps per planted-source run (default: 1,000).")
-    p.add_argument("--sources", default=None,
-                   help="Comma list of lm, easy, hard (default: all three; lm alone with --quick).")
-    p.add_argument("--runs", default=None, help="Comma list of run numbers (default: all).")
-    p.add_argument("--seed", type=int, default=0, help="Seed of every run (run 9 adds 1).")
-    p.add_argument("--max-tries", type=int, default=None, help="Calibration tries per run (default: 3; 2 with --quick).")
-    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                   help="Runs trained side by side, each on cores/jobs threads (default: 2, or 1 on one core).")
-    p.add_argument("--retry-failed", action="store_true", help="Rerun runs that failed in an earlier invocation.")
+    add_fields(p, GridFlags, defaults=True)
     return p
 
 

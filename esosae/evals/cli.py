@@ -8,13 +8,10 @@ and exits with code 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import typing
 from typing import Any
 
-from esosae.cli import OneLineParser
-from esosae.config import field_docs
+from esosae.args import OneLineParser, add_fields
 from esosae.errors import UserError
 from esosae.evals.config import EvalConfig
 
@@ -29,29 +26,13 @@ HEADLINES = {
 }
 
 
-def _parse_type(tp: Any) -> Any:
-    """Text → value for a field of type int, float, str or a tuple of them (comma list)."""
-    if typing.get_origin(tp) is tuple:
-        inner = typing.get_args(tp)[0]
-        return lambda text: tuple(inner(v.strip()) for v in text.split(",") if v.strip())
-    return tp
-
-
 def build_parser() -> OneLineParser:
+    """RUN_DIR, --no-progress, and every EvalConfig field as a flag (esosae.args)."""
     p = OneLineParser(prog=PROG, description="Evaluate a trained run: core metrics, sparse probing, curriculum.",
                       argument_default=argparse.SUPPRESS)
     p.add_argument("run_dir", metavar="RUN_DIR", help="A run directory written by train.py.")
     p.add_argument("--no-progress", action="store_true", help="No progress bars or timing lines.")
-    docs, hints = field_docs(EvalConfig), typing.get_type_hints(EvalConfig)
-    for f in dataclasses.fields(EvalConfig):
-        names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        kw: dict[str, Any] = {"dest": f.name, "help": f"{docs.get(f.name, '')} (default: {shown})"}
-        if hints[f.name] is bool:
-            p.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
-        else:
-            p.add_argument(*names, type=_parse_type(hints[f.name]), metavar=f.name.upper(), **kw)
+    add_fields(p, EvalConfig)
     return p
 
 
