@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 from pathlib import Path
 
@@ -79,6 +80,19 @@ def prepare(argv: list[str]) -> tuple[TrainConfig, Path, bool, bool]:
     return cfg, Path(cfg.out_dir), False, getattr(ns, "overwrite", False)
 
 
+DISK_ERRORS = {errno.ENOSPC: "no space left on the disk", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+
+
+def resume_hint(run_dir: Path) -> str:
+    """What to do after a run stopped early: resume it when it has a checkpoint."""
+    from esosae.checkpoint import latest_checkpoint
+
+    if run_dir.is_dir() and latest_checkpoint(run_dir) is not None:
+        return f"continue from its last checkpoint with: python train.py --resume {run_dir}"
+    return "it had no checkpoint yet; start it again"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train from command-line flags; under torchrun every rank calls this, rank 0 reports."""
     from esosae import distributed
@@ -104,6 +118,17 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.launch_rank() == 0:
             print(f"train.py: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except KeyboardInterrupt:  # a second Ctrl-C mid-step: the last whole checkpoint stands
+        if distributed.launch_rank() == 0:
+            print(f"train.py: interrupted; {resume_hint(run_dir)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        if distributed.launch_rank() == 0:
+            print(f"train.py: error: {DISK_ERRORS[e.errno]} writing {e.filename or run_dir} "
+                  f"({e.strerror}); {resume_hint(run_dir)}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         distributed.shutdown()
     if dist is not None and not dist.is_main:

@@ -122,3 +122,33 @@ def test_metrics_stop_at_a_torn_line_and_truncate_keeps_earlier_steps(tmp_path):
     assert read_metrics(path) == [{"step": 0, "loss": 1.5}, {"step": 1, "loss": 0.25}]
     truncate_metrics(path, 1)
     assert path.read_text() == '{"step": 0, "loss": 1.5}\n'
+
+
+def test_a_second_ctrl_c_mid_step_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    real = train.train_step
+
+    def step(model, opt, ops, x, cfg, step, *args, **kwargs):
+        if step == 3:
+            raise KeyboardInterrupt  # what a second Ctrl-C raises mid-step
+        return real(model, opt, ops, x, cfg, step, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", step)
+    run = tmp_path / "run"
+    assert main([*TINY, "--steps", "6", "--checkpoint-every", "2", "--out-dir", str(run)]) == 130
+    err = capsys.readouterr().err.strip().replace("\r", "\n").splitlines()[-1]
+    assert err.startswith("train.py: interrupted") and f"--resume {run}" in err
+    monkeypatch.undo()
+    assert main(["--resume", str(run)]) == 0
+
+
+def test_a_full_disk_after_training_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from esosae.evals import summary
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "summary.md"))
+
+    monkeypatch.setattr(summary, "headline", full)
+    assert main([*TINY, "--steps", "2", "--out-dir", str(tmp_path / "run")]) == 2
+    one_line(capsys, "no space left on the disk", "summary.md", "--resume")
