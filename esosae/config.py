@@ -29,6 +29,7 @@ import inspect
 import json
 import math
 import numbers
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -590,7 +591,7 @@ def _from_dict(cls: type, d: dict[str, Any], where: str) -> Any:
 @cache
 def field_docs(cls: type) -> dict[str, str]:
     """The docstring line under each field of a dataclass, read from its source."""
-    tree = ast.parse(inspect.getsource(cls))
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))  # dedent: a class nested in a function
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
     for stmt, nxt in zip(body, body[1:]):
