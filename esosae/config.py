@@ -218,7 +218,7 @@ def convert(spec: Spec, value: Any, name: str, flag: bool = False, typed: str | 
             raise bad()
         value = int(value)
         if value not in INT64:
-            raise bad()
+            raise ConfigError(f"{name} must be {spec.describe(flag)} and fit in 64 bits (got {shown})")
     elif kind is float:
         if not isinstance(value, numbers.Real):
             raise bad()

@@ -105,7 +105,7 @@ BAD_JSON = [
     ({"lr": -1e-3}, "lr must be > 0 (got -0.001)"),
     ({"sae": {"gamma_max": float("inf")}}, "invalid sae.gamma_max Infinity: must be a finite number >= 0"),
     ({"schedule": {"tau_final": float("-inf")}}, "invalid schedule.tau_final -Infinity"),
-    ({"seed": 2**64}, "invalid seed <a 65-bit integer>: must be an integer >= 0"),
+    ({"seed": 2**64}, "seed must be an integer >= 0 and fit in 64 bits (got <a 65-bit integer>)"),
     ({"sae": {"freq_ema": 1.0}}, "sae.freq_ema must be in [0, 1) (got 1.0)"),
     ({"sae": {"mu_min": 0}}, "sae.mu_min must be in (0, 1] (got 0)"),
     ({"sae": 5}, "config section 'sae' must be an object of SAEConfig fields (got 5)"),
