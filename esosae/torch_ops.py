@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -534,6 +535,16 @@ def _orth_pairs(k: torch.Tensor, batch, widths: list[int], sizes: list[int]) -> 
 
 
 _helper: ThreadPoolExecutor | None = None
+
+
+def _forget_helper() -> None:
+    """In a forked child: the parent's helper thread does not exist there; start a new one."""
+    global _helper
+    _helper = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_helper)
 
 
 def _one_thread() -> None:

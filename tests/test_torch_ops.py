@@ -495,6 +495,39 @@ def test_running_reads_the_machine():
     assert n is None or n >= 1  # this test's own thread is running
 
 
+def _orth_in_child(queue) -> None:
+    W1, W2 = unit_rows(256, 32), unit_rows(256, 32)
+    tiles = sample_tiles(256, 256, 0.5, torch.Generator().manual_seed(0))
+    queue.put(float(torch_ops.orth_penalty(W1, W2, 0.05, tiles)))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_orth_helper_thread_works_after_fork(monkeypatch):
+    """A child forked after the penalty used its helper thread starts a helper of its own
+    (the parent's thread does not exist in the child: waiting on it would hang)."""
+    import multiprocessing
+
+    monkeypatch.setattr(torch_ops, "CORES", FixedCores(True))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        W1, W2 = unit_rows(256, 32), unit_rows(256, 32)
+        torch_ops.orth_penalty(W1, W2, 0.05, sample_tiles(256, 256, 0.5, torch.Generator().manual_seed(0)))
+        assert torch_ops._helper is not None
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_orth_in_child, args=(queue,))
+        child.start()
+        child.join(60)
+        alive = child.is_alive()
+        if alive:
+            child.kill()
+        assert not alive and child.exitcode == 0
+        assert queue.get(timeout=5) >= 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_orth_penalty_with_every_pair_inside_the_margin():
     W1, W2 = unit_rows(70, 48), unit_rows(90, 48)
     ours = run_orth(torch_ops.orth_penalty, W1, W2, 0.95, None, 1.0)
