@@ -20,10 +20,13 @@ is the work, at d = 576, m = 4608, B = 1024 and L0 ≈ 32 (density 0.7%):
   built), penalty and both gradients in that one pass, and the backward products restricted
   to the pairs past the margin (few: |c| > ρ is rare), so the exact penalty costs about one
   GEMM instead of three.
-- Threads: the large GEMMs use every intra-op thread; index bookkeeping and reductions
-  run on one (``serial``); the large passes whose results do not depend on the thread
-  count (elementwise passes over (B, m), gathers, transposes) use every thread while
-  other processes leave the cores free and one otherwise (``wide``).
+- Threads: the large GEMMs use every intra-op thread; index bookkeeping and full
+  reductions run on one (``serial``); the large passes whose results do not depend on the
+  thread count (elementwise passes over (B, m), gathers, per-row sums, fused Adam) use
+  every thread while no other process waits for a core and one otherwise (``wide``); the
+  penalty's small tile-row GEMMs run one thread each, two tile rows at a time when the
+  cores are free (a helper thread).
+- Memory: freed blocks stay in the heap for the next step (``keep_freed_memory``).
 
 grad_f with an ``Active``: the decoder returns the gradient of f on the active pairs only
 (a sparse COO tensor). That is exact for the training step because f's sole producer,
