@@ -276,8 +276,8 @@ SYNTHETIC_PRESETS: dict[str, dict[str, float]] = {
     "easy": {"d": 128, "atoms": 256, "l0": 4.0},
     "hard": {"d": 64, "atoms": 512, "l0": 8.0},
 }
-"""Input width, atoms and mean L0 of each planted-dictionary preset (the shape that
-esosae.sources.PRESETS builds; a test keeps the two equal), for the rules between fields."""
+"""Input width, atoms and mean L0 of each planted-dictionary preset: esosae.sources.PRESETS
+builds the sources from these, and the rules between fields check against them."""
 
 
 @dataclass

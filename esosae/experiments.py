@@ -86,7 +86,8 @@ def _save(path: Path, state: dict[str, Any]) -> None:
 def train_try(v: Variant, b: Budget, knob: float, seed: int, try_dir: Path) -> dict[str, Any]:
     """Train one try (resuming it if a checkpoint is there); the held-out headline metrics."""
     from esosae.evals.summary import headline
-    from esosae.train import latest_checkpoint, run
+    from esosae.checkpoint import latest_checkpoint
+    from esosae.train import run
 
     cfg = train_config(v, b, knob, seed, str(try_dir))
     resume = (try_dir / "config.json").is_file() and latest_checkpoint(try_dir) is not None

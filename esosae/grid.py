@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from esosae.config import AUTO_DEFAULTS, ConfigError, TrainConfig
+from esosae.config import AUTO_DEFAULTS, ConfigError, Synthetic, TrainConfig, choices
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ def budgets(quick: bool, tokens: int | None = None, synthetic_steps: int | None 
     if synthetic_steps is not None:
         if synthetic_steps <= 0:
             raise ConfigError(f"--synthetic-steps must be > 0; got {synthetic_steps}")
-        for s in ("easy", "hard"):
+        for s in choices(Synthetic):
             full[s] = dataclasses.replace(full[s], steps=synthetic_steps)
     return full
 

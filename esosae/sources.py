@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from esosae.config import DataConfig
+from esosae.config import SYNTHETIC_PRESETS, DataConfig
 
 
 class ActivationSource(Protocol):
@@ -124,10 +124,11 @@ class SyntheticSpec:
     alpha: float = 1.0  # power-law exponent: p_i ∝ (i+1)^-alpha
 
 
-PRESETS = {
-    "easy": SyntheticSpec(d=128, atoms=256, l0=4.0, power_law=False, noise=0.01),
-    "hard": SyntheticSpec(d=64, atoms=512, l0=8.0, power_law=True, noise=0.01),
-}
+PRESETS = {name: SyntheticSpec(d=int(shape["d"]), atoms=int(shape["atoms"]), l0=shape["l0"],
+                               power_law=name == "hard", noise=0.01)
+           for name, shape in SYNTHETIC_PRESETS.items()}
+"""The planted dictionaries: the shapes of esosae.config.SYNTHETIC_PRESETS; the hard one's
+atom frequencies follow a power law."""
 
 
 def spec_from_config(cfg: DataConfig) -> SyntheticSpec:

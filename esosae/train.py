@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from esosae import precision, schedules
 from esosae.backend import Backend, get_backend, resolve_device
-from esosae.checkpoint import checkpoint_path, latest_checkpoint, resume_checkpoint, save_checkpoint  # noqa: F401
+from esosae.checkpoint import resume_checkpoint, save_checkpoint
 from esosae.config import TrainConfig
 from esosae.distributed import Dist
 from esosae.errors import UserError

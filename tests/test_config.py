@@ -12,7 +12,7 @@ import pytest
 
 from esosae import config
 from esosae.config import (
-    AUTO_DEFAULTS, SECTIONS, SYNTHETIC_PRESETS, ConfigError, DataConfig, Device, SAEConfig, ScheduleConfig,
+    AUTO_DEFAULTS, SECTIONS, SYNTHETIC_PRESETS, ConfigError, DataConfig, SAEConfig, ScheduleConfig,
     Synthetic, TrainConfig, choices, convert, field_docs, field_specs,
 )
 
@@ -207,11 +207,6 @@ def _string_tuples(tree):
             yield node.lineno, frozenset(e.value for e in node.elts)
 
 
-# Copies in files outside this change, to drop once they import esosae.config's Literal.
-KNOWN_COPIES = {("esosae/evals/config.py", frozenset(choices(Device))),
-                ("esosae/grid.py", frozenset(choices(Synthetic)))}
-
-
 def test_each_choice_set_is_declared_once():
     """No module spells out a config choice set again: it imports the Literal (esosae.config)."""
     sets = {frozenset(choices(a)): name for name, a in vars(config).items()
@@ -223,6 +218,6 @@ def test_each_choice_set_is_declared_once():
         if rel == "esosae/config.py":
             continue
         for line, values in _string_tuples(ast.parse(path.read_text())):
-            if values in sets and (rel, values) not in KNOWN_COPIES:
+            if values in sets:
                 copies.append(f"{rel}:{line} repeats {sets[values]}")
     assert not copies

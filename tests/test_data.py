@@ -1,6 +1,5 @@
 """Text sources, the weighted mixture and fixed contexts (esosae/data.py), on small local files."""
 
-from pathlib import Path
 
 import pytest
 import torch

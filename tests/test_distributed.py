@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from esosae.cli import main
-from esosae.train import checkpoint_path, latest_checkpoint
+from esosae.checkpoint import checkpoint_path, latest_checkpoint
 
 HERE = Path(__file__).resolve().parent
 ARGS = ["--source", "synthetic", "--m1", "48", "--m2", "40", "--batch-size", "64", "--steps", "20",

@@ -35,8 +35,8 @@ def test_tiny_lm_run_harvests_then_reuses(env, capsys):
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),
     (["--hook", "blocks.1.hook_outt"], "close matches: blocks.1.hook_out"),
     (["--dataset", "{tmp}/missing.jsonl"], "does not exist"),
-    (["--dataset", "{tmp}/empty.txt"], "is it empty?"),
-    (["--context-size", "0"], "context_size must be > 0"),
+    (["--dataset", "{tmp}/empty.txt"], "empty.txt is empty"),
+    (["--context-size", "0"], "--context-size must be > 0"),
 ])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(env, capsys, flags, message):
     tmp_path, base = env

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from esosae.cli import main
-from esosae.train import latest_checkpoint
+from esosae.checkpoint import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--source", "synthetic", "--m1", "32", "--m2", "32", "--batch-size", "128", "--no-eval"]

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from esosae.config import ConfigError
+from esosae.config import ConfigError, Device, choices
 
 EVALS = ("core", "probing", "curriculum")
 
@@ -70,8 +70,8 @@ class EvalConfig:
             raise ConfigError(f"k_values must be positive integers (got {self.k_values})")
         if not self.probe_c > 0:
             raise ConfigError(f"probe_c must be > 0 (got {self.probe_c})")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"device must be one of auto, cpu, cuda (got {self.device!r})")
+        if self.device not in choices(Device):
+            raise ConfigError(f"device must be one of {', '.join(choices(Device))} (got {self.device!r})")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
