@@ -32,6 +32,7 @@ from esosae.distributed import Dist
 from esosae.errors import UserError
 from esosae.margins import effective_margins, pinned_fractions, update_freq, update_margins
 from esosae.models import note
+from esosae.optim import Adam
 from esosae.profiling import NO_RANGES, Ranges, StepTimer, dense_flops_per_token, gemm_peak_tflops, torch_trace
 from esosae.reference import sample_tiles
 from esosae.rundir import CONFIG_FILE, METRICS_FILE, SAE_DIR, Claim, truncate_metrics
@@ -230,7 +231,7 @@ def build(cfg: TrainConfig, source: ActivationSource, device: torch.device) -> t
     sample = source.batch(0, cfg.batch_size) * scale
     model.init_weights(step_generator(cfg.seed, 0, 0), sample)
     model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+    opt = Adam(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))  # fused, fp32 state
     return model, opt
 
 
