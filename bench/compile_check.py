@@ -106,7 +106,7 @@ def compile_case(arch: int, precision: str, shapes: tuple[str, ...]) -> list[Row
 
     from esosae.kernels import decoder, encoder, orthogonality
     from esosae.kernels.utils import ARCHS as FAMILIES, SHARED_LIMIT, compile_only
-    from esosae.reference import sample_tiles
+    from esosae.sae.reference import sample_tiles
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")

@@ -1,16 +1,16 @@
 """Times, checks and inspects the Triton kernels on one CUDA device (step 2 of bench/gpu_check.sh).
 
 Cases, at two shapes, large (d = 2,304, m = 16,384 per layer, B = 4,096) and the default
-run's (d = 576, m = 1,152, B = 1,024), each in two precisions through esosae.precision:
+run's (d = 576, m = 1,152, B = 1,024), each in two precisions through esosae.sae.precision:
 bf16 (bf16 operands) and tf32 (fp32 operands under torch.set_float32_matmul_precision("high")):
 
     encoder fwd, fwd+bwd    (B, d) @ (d, m) + JumpReLU epilogue; grads of x, W_enc, b_enc, b_dec
     decoder fwd, fwd+bwd    (B, m) @ (m, d) + squared error; grads of f, W_dec, bias, target
     orth fwd, fwd+bwd       every 64² tile of W_dec1 W_dec2ᵀ (m × m over d) at ρ = 0: nothing skipped
     orth sampled fwd+bwd    the trainer's tiles (its default fraction min(1, B/(3m))) at ρ = 0.1
-    train step              esosae.train.train_step, dual layer m + m, TrainConfig.dtype = the precision
+    train step              esosae.training.loop.train_step, dual layer m + m, TrainConfig.dtype = the precision
 
-Providers: ``ours`` (esosae.kernels, the triton backend), ``eager`` (esosae.reference, the
+Providers: ``ours`` (esosae.kernels, the triton backend), ``eager`` (esosae.sae.reference, the
 float64 oracle's code run in the case's precision), ``compile`` and ``max-autotune``
 (torch.compile of the reference, default mode and mode="max-autotune"), and for the step
 ``saelens`` (SAELens's StandardTrainingSAE step at d_sae = 2m, under autocast for bf16) when
@@ -161,7 +161,7 @@ class Bench:
 
     def cublas_rate(self, M: int, N: int, K: int, precision: str) -> tuple[str, float]:
         """TFLOP/s of torch.matmul (cuBLAS on a GPU) for (M, K) @ (K, N) in ``precision``."""
-        from esosae.precision import matmul_precision, operand_dtype
+        from esosae.sae.precision import matmul_precision, operand_dtype
 
         key = f"{M}x{K}@{K}x{N} {precision}"
         if key not in self.cublas:
@@ -197,7 +197,7 @@ def record(bench: Bench, case: Case, provider: str, ops: Any) -> dict[str, Any]:
     if reason:
         bench.rows.append({**row, "skipped": reason})
         return bench.rows[-1]
-    from esosae.precision import matmul_precision
+    from esosae.sae.precision import matmul_precision
 
     start = time.perf_counter()
     try:
@@ -248,8 +248,8 @@ def op_cases(shape: Shape, precision: str) -> list[Case]:
     import test_kernel_encoder as enc
     import test_kernel_orthogonality as orth
 
-    from esosae import reference
-    from esosae.precision import operand_dtype
+    from esosae.sae import reference
+    from esosae.sae.precision import operand_dtype
 
     B, d, m = shape.B, shape.d, shape.m
     dtype = operand_dtype(precision)
@@ -298,11 +298,11 @@ def step_case(shape: Shape, precision: str, device: torch.device, notes: list[st
     """The full training step, mid-run (λ, γ and the learning rate on); every provider starts
     from a copy of the same freshly built model and optimizer. Returns the case and its batch.
 
-    A provider that esosae.precision does not run in ``precision`` on this device (on the CPU:
+    A provider that esosae.sae.precision does not run in ``precision`` on this device (on the CPU:
     anything but the interpreted triton backend outside fp32, so only in a dry run) steps in
     fp32 instead, with a note."""
-    from esosae import precision as precisions
-    from esosae.train import build, make_source, train_step
+    from esosae.sae import precision as precisions
+    from esosae.training.loop import build, make_source, train_step
 
     cfg = step_config(shape, precision, device)
     source = make_source(cfg, device)
@@ -376,8 +376,8 @@ def saelens_thunk(shape: Shape, precision: str, x: torch.Tensor) -> Callable[[An
 
 def compiled_backend(name: str, mode: str | None, dry: bool, share: Any = None) -> Any:
     """torch.compile of the reference's three ops (static shapes: one graph per shape and dtype)."""
-    from esosae import reference
-    from esosae.backend import Backend
+    from esosae.sae import reference
+    from esosae.sae.backend import Backend
 
     if dry and share is not None:  # capture only: one set of graphs serves both modes
         return Backend(name, share.encode, share.decode, share.orth_penalty)
@@ -431,7 +431,7 @@ def differing(first: dict[str, Any], second: dict[str, Any]) -> list[str]:
 
 def check_case(bench: Bench, case: Case, ours: Any, eager: Any) -> None:
     """Output check (fwd+bwd op cases) and determinism (those and the step) of ours."""
-    from esosae.precision import matmul_precision, operand_dtype
+    from esosae.sae.precision import matmul_precision, operand_dtype
 
     reason = bench.skip_reason("checks")
     if reason:
@@ -698,9 +698,9 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(dynamo.config, name):  # one graph per shape, precision and grad mode
             setattr(dynamo.config, name, value)
     try:
-        import esosae.precision  # noqa: F401  (the dtype API: fail here, not mid-run)
-        from esosae import reference
-        from esosae.backend import Backend, get_backend
+        import esosae.sae.precision  # noqa: F401  (the dtype API: fail here, not mid-run)
+        from esosae.sae import reference
+        from esosae.sae.backend import Backend, get_backend
     except ImportError as err:
         print(f"gpu_check: esosae does not import ({err}); pip install --no-deps -e . first", file=sys.stderr)
         return 2

@@ -36,7 +36,7 @@ if (( dry )); then
   export TRITON_INTERPRET=1
 else
   export TRITON_INTERPRET=0
-  if ! err=$("$PY" -c "import esosae.kernels, esosae.train" 2>&1); then
+  if ! err=$("$PY" -c "import esosae.kernels, esosae.training.loop" 2>&1); then
     echo "gpu_check.sh: esosae does not import with $PY (${err##*$'\n'}); install it first:" \
          "pip install --no-deps -e . and what it imports (nvtx, tqdm, safetensors)" >&2
     exit 2

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from esosae.backend import Backend
+from esosae.sae.backend import Backend
 from esosae.config import SAEConfig, TrainConfig
-from esosae.profiling import StepTimer, dense_flops_per_token
-from esosae.sae import DualLayerSAE
-from esosae.train import set_thresholds, step_generator, train_step
+from esosae.training.profiling import StepTimer, dense_flops_per_token
+from esosae.sae.model import DualLayerSAE
+from esosae.training.loop import set_thresholds, step_generator, train_step
 
 D, M, B = 576, 4608, 1024
 L0 = 32
@@ -54,14 +54,15 @@ def step_of(cfg: TrainConfig) -> int:
 
 
 def path() -> Path:
-    from esosae.models import cache_root
+    from esosae.data.models import cache_root
 
     return cache_root(None) / "bench" / f"race_v{VERSION}.safetensors"
 
 
 def _harvest(n: int) -> torch.Tensor:
     """n activation rows (text positions only) from the default text mixture, in order."""
-    from esosae import data, models
+    from esosae.data import text as data
+    from esosae.data import models
     from esosae.config import DataConfig, ModelConfig
 
     lm = models.load_model(ModelConfig())
@@ -95,8 +96,8 @@ def _params(model: DualLayerSAE) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def build() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from esosae import reference
-    from esosae.sources import expected_norm_scale
+    from esosae.sae import reference
+    from esosae.data.sources import expected_norm_scale
 
     raw = _harvest(B + CAL_TOKENS)
     scale = expected_norm_scale(raw)
@@ -149,14 +150,14 @@ def load_case(model: DualLayerSAE, tensors: dict[str, torch.Tensor], case: str) 
 
 class Runner:
     """One case's model, optimizer and batch, built as the trainer builds them
-    (``esosae.train.build``: its Adam, whatever its settings), holding the case's weights;
-    ``fused`` swaps in ``torch.optim.Adam(fused=True)``, ``ours`` swaps in ``esosae.optim.Adam``
+    (``esosae.training.loop.build``: its Adam, whatever its settings), holding the case's weights;
+    ``fused`` swaps in ``torch.optim.Adam(fused=True)``, ``ours`` swaps in ``esosae.training.optim.Adam``
     (fused, stepping on one thread: the optimizer proposed for ``build``). ``reset``
     restores weights and buffers."""
 
     def __init__(self, race, case: str, fraction: float | None, fused: bool = False, ours: bool = False):
-        from esosae.sources import ArraySource
-        from esosae.train import build
+        from esosae.data.sources import ArraySource
+        from esosae.training.loop import build
 
         tensors, _ = race
         self.cfg = config(case, fraction)
@@ -167,7 +168,7 @@ class Runner:
         if fused:
             self.opt = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr, betas=betas, fused=True)
         if ours:
-            from esosae.optim import Adam
+            from esosae.training.optim import Adam
 
             self.opt = Adam(self.model.parameters(), lr=self.cfg.lr, betas=betas)
         self.start = {k: v.clone() for k, v in self.model.state_dict().items()}

@@ -3,7 +3,7 @@
     python bench/roofline.py [--out bench/results/roofline.md]
 
 Every op of one dual-layer E-SOSAE step as the trainer runs it on CUDA (dense Triton
-kernels, esosae/train.py ``train_step``) and of SAELens's dense single-layer standard (ReLU +
+kernels, esosae/training/loop.py ``train_step``) and of SAELens's dense single-layer standard (ReLU +
 L1) step of width M = m1 + m2 gets FLOPs, minimum bytes and intensity I = FLOPs / bytes:
 
     t = max(FLOPs / peak, bytes / bandwidth)       memory-bound when bytes/bw > FLOPs/peak
@@ -15,7 +15,7 @@ and a step's bound is the sum over its ops (no overlap, no launch latency). Coun
   counted), in the code's dtypes: s bytes per operand (bf16 2, fp32 4); fp32 for masters,
   optimizer state, accumulators and partials;
 - elementwise ops and reductions run at the CUDA-core fp32 rate (memory-bound regardless).
-Precisions (``--dtype``, esosae/precision.py): ``bf16`` (the CUDA default) = fp32 masters
+Precisions (``--dtype``, esosae/sae/precision.py): ``bf16`` (the CUDA default) = fp32 masters
 cast to bf16 each step, gradients cast back; ``tf32`` = fp32 tensors, products at the TF32
 rate (``torch.set_float32_matmul_precision("high")``); ``fp32`` = IEEE ``tl.dot`` on CUDA
 cores, in the totals only.
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from esosae.config import SAEConfig, TrainConfig
-from esosae.reference import ORTH_TILE, tile_grid
+from esosae.sae.reference import ORTH_TILE, tile_grid
 
 OUT = Path(__file__).resolve().parent / "results" / "roofline.md"
 F32 = 4
@@ -150,7 +150,7 @@ def orth_ops(shape: Shape, s: int, dtype: str) -> list[Op]:
 
 
 def step_ops(shape: Shape, precision: str = "bf16", sparse: bool = False) -> list[Op]:
-    """One dual-layer E-SOSAE step (METHOD.md §2–3) as esosae/train.py runs it on CUDA.
+    """One dual-layer E-SOSAE step (METHOD.md §2–3) as esosae/training/loop.py runs it on CUDA.
 
     Per layer l with width m, input u (x; layer 2: r = x − x̂1), s = operand bytes, T = the
     kernels' tile side, which sizes only the partial buffers (128 for 16-bit, 64 for fp32):

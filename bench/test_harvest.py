@@ -19,11 +19,15 @@ import numpy as np
 import pytest
 import torch
 
-from esosae import activations, data, models
-from esosae.backend import get_backend
+from esosae.data import activations
+
+from esosae.data import text as data
+
+from esosae.data import models
+from esosae.sae.backend import get_backend
 from esosae.config import DataConfig, ModelConfig, TrainConfig
-from esosae.sources import ArraySource
-from esosae.train import build, train_step
+from esosae.data.sources import ArraySource
+from esosae.training.loop import build, train_step
 
 HOOK = "blocks.6.hook_out"
 

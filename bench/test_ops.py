@@ -2,8 +2,8 @@
 
 encode, decode and the orthogonality penalty, forward and forward+backward, for each
 provider available here:
-- ``reference``: esosae.reference, the oracle (plain eager PyTorch, dense);
-- ``torch``: the torch backend (esosae.torch_ops), CPU only (elsewhere it is the reference);
+- ``reference``: esosae.sae.reference, the oracle (plain eager PyTorch, dense);
+- ``torch``: the torch backend (esosae.sae.torch_ops), CPU only (elsewhere it is the reference);
 - ``triton``: the kernels, CUDA only (the interpreter is for tests, not timing).
 Sizes: d = 576, m = 4,608, B = 1,024 on the CPU; d = 2,304, m = 16,384, B = 4,096 on CUDA
 (skipped without it). Encoder and decoder run at L0 ≈ 32 (b_enc set per feature from the
@@ -20,9 +20,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esosae import reference
-from esosae.backend import TORCH
-from esosae.reference import sample_tiles
+from esosae.sae import reference
+from esosae.sae.backend import TORCH
+from esosae.sae.reference import sample_tiles
 
 SIZES = {"cpu": (576, 4608, 1024), "cuda": (2304, 16384, 4096)}  # (d, m, B)
 ROUNDS = {"cpu": 5, "cuda": 20}

@@ -11,12 +11,12 @@ the ratio of the two medians is kept as well. Both start every step from the sam
 L0 ≈ 32 and at initialization (dense). d = 576, m = 4,608, B = 1,024, float32, the CPU's
 default threads, Adam in both (the trainers' defaults), gradient clipping at 1 in both.
 
-Ours: ``esosae.train.train_step`` on the torch backend, single-layer ReLU + L1 against
+Ours: ``esosae.training.loop.train_step`` on the torch backend, single-layer ReLU + L1 against
 SAELens's single layer; then our dual-layer E-SOSAE (m1 = m2 = 4,608) against the same
 SAELens single-layer step, with the default tile fraction and exact, where the share of the
 step that the penalty's forward + backward takes is measured on its own.
 Then the three target races (single layer at L0 ≈ 32 and at initialization, dual layer at the
-default tile fraction) again with ``esosae.optim.Adam`` as our optimizer (torch's fused Adam
+default tile fraction) again with ``esosae.training.optim.Adam`` as our optimizer (torch's fused Adam
 stepping on one intra-op thread: the change proposed for the trainer's ``build``; SAELens
 keeps its trainer's default Adam; once ``build`` makes it, these rows repeat the first
 ones), and the single-layer race with both trainers on one intra-op thread, the thread
@@ -38,10 +38,10 @@ import pytest
 import race_data
 import torch
 
-from esosae import schedules
-from esosae.backend import TORCH
-from esosae.reference import sample_tiles
-from esosae.train import step_generator
+from esosae.sae import schedules
+from esosae.sae.backend import TORCH
+from esosae.sae.reference import sample_tiles
+from esosae.training.loop import step_generator
 
 REPO = Path(__file__).resolve().parent.parent
 PEERS_PYTHON = Path(os.environ.get("ESOSAE_PEERS_PYTHON", REPO / ".venv-peers" / "bin" / "python"))
@@ -101,7 +101,7 @@ def peer(race):
     p.close()
 
 
-RACES = [  # ours, its tile fraction, esosae.optim.Adam?, SAELens's case, pairs, intra-op threads of both (0: default)
+RACES = [  # ours, its tile fraction, esosae.training.optim.Adam?, SAELens's case, pairs, intra-op threads of both (0: default)
     pytest.param("relu_l0_32", None, False, "relu_l0_32", 7, 0, id="relu_l0_32"),
     pytest.param("relu_init", None, False, "relu_init", 7, 0, id="relu_init"),
     pytest.param("esosae_l0_32", None, False, "relu_l0_32", 7, 0, id="esosae_dual_l0_32-orth_auto"),

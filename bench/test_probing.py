@@ -29,11 +29,11 @@ import numpy as np
 import pytest
 import torch
 
-from esosae import models
+from esosae.data import models
 from esosae.config import ModelConfig, SAEConfig
 from esosae.evals import probe_cache, probing, tasks
 from esosae.evals.config import EvalConfig
-from esosae.sae import DualLayerSAE
+from esosae.sae.model import DualLayerSAE
 
 HOOK = "blocks.6.hook_out"
 L0_PER_LAYER = 16

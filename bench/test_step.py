@@ -1,6 +1,6 @@
 """The full training step on the CPU: ``pytest bench/test_step.py --benchmark-only``.
 
-``esosae.train.train_step`` as the trainer runs it (schedules, forward, loss, backward,
+``esosae.training.loop.train_step`` as the trainer runs it (schedules, forward, loss, backward,
 parallel-gradient removal, clipping, Adam, decoder renormalization, firing statistics) at
 d = 576, m = 4,608, B = 1,024 on real activations (bench/race_data.py), mid-run (λ, γ and
 the learning rate all on), for:
@@ -11,7 +11,7 @@ the learning rate all on), for:
 
 Variants, each timed side by side with a partner (one partner step, untimed, before every
 timed round, so both see the same load; the ratio is of the medians):
-- ``torch`` (esosae.torch_ops, the CPU default), partner ``reference`` (the oracle's functions);
+- ``torch`` (esosae.sae.torch_ops, the CPU default), partner ``reference`` (the oracle's functions);
 - ``torch+fused_adam``: ``Adam(fused=True)`` instead of the trainer's default Adam, partner ``torch``;
 - ``torch+fused_adam+1_thread``: the same with the whole step on one intra-op thread,
   partner ``torch+fused_adam``.
@@ -29,8 +29,8 @@ import pytest
 import race_data
 import torch
 
-from esosae import reference
-from esosae.backend import TORCH, Backend
+from esosae.sae import reference
+from esosae.sae.backend import TORCH, Backend
 
 REF = Backend("reference", reference.encode, reference.decode, reference.orth_penalty)
 CASES = {"relu_l0_32": ("relu_l0_32", None), "relu_init": ("relu_init", None),

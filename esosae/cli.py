@@ -16,7 +16,7 @@ from pathlib import Path
 from esosae.args import OneLineParser, add_fields
 from esosae.config import SECTIONS, ConfigError, TrainConfig, field_specs
 from esosae.errors import UserError
-from esosae.rundir import check_new_run, check_writable_dir
+from esosae.run.layout import check_new_run, check_writable_dir
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -86,7 +86,7 @@ DISK_ERRORS = {errno.ENOSPC: "no space left on the disk", errno.EDQUOT: "disk qu
 
 def resume_hint(run_dir: Path) -> str:
     """What to do after a run stopped early: resume it when it has a checkpoint."""
-    from esosae.checkpoint import latest_checkpoint
+    from esosae.run.checkpoint import latest_checkpoint
 
     if run_dir.is_dir() and latest_checkpoint(run_dir) is not None:
         return f"continue from its last checkpoint with: python train.py --resume {run_dir}"
@@ -95,9 +95,9 @@ def resume_hint(run_dir: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Train from command-line flags; under torchrun every rank calls this, rank 0 reports."""
-    from esosae import distributed
+    from esosae.training import distributed
     from esosae.evals.summary import evaluate
-    from esosae.train import Interrupted, run
+    from esosae.training.loop import Interrupted, run
 
     argv = sys.argv[1:] if argv is None else argv
     dist = None

@@ -276,7 +276,7 @@ SYNTHETIC_PRESETS: dict[str, dict[str, float]] = {
     "easy": {"d": 128, "atoms": 256, "l0": 4.0},
     "hard": {"d": 64, "atoms": 512, "l0": 8.0},
 }
-"""Input width, atoms and mean L0 of each planted-dictionary preset: esosae.sources.PRESETS
+"""Input width, atoms and mean L0 of each planted-dictionary preset: esosae.data.sources.PRESETS
 builds the sources from these, and the rules between fields check against them."""
 
 
@@ -554,7 +554,7 @@ AUTO_DEFAULTS: dict[str, dict[str, float]] = {
     # so each layer gets its own τ_T.
     "lm": {"lr": 1e-3, "m": 1152, "target_l0": 16.0, "l1_coeff": 0.5, "l1_coeff_relu": 2.0, "tau_final": 0.2,
            "tau_final2": 0.55},
-    # Planted dictionaries (esosae.sources.PRESETS). The hard one (512 atoms in 64
+    # Planted dictionaries (esosae.data.sources.PRESETS). The hard one (512 atoms in 64
     # dimensions, power-law frequencies down to 0.2%) needs a 4x overcomplete dictionary
     # and a larger step for any architecture to reach its rare atoms in 2,000 steps.
     "easy": {"m": 256, "target_l0": 4.0, "l1_coeff": 0.05, "l1_coeff_relu": 1.0, "tau_final": 1.0, "lr": 1e-3},

@@ -1,6 +1,6 @@
 """Triton kernels for the SAE hot path, importable as ``esosae.kernels``.
 
-The three ops have the signatures and results of their ``esosae.reference`` counterparts
+The three ops have the signatures and results of their ``esosae.sae.reference`` counterparts
 and are differentiable (torch.autograd.Function):
 
 - ``encode(x, W_enc, b_enc, b_dec, theta) -> (f, row_l1, fire_count)``  (encoder.py)

@@ -6,7 +6,7 @@
     fire_count = Σ_rows 1[f ≠ 0]           (m,)  int32
 
 θ (m,) is computed by the caller, not in the kernel: θ = τ(t)·clamp(μ, μ_min, μ_max) is a
-per-step scalar times per-feature margins that ``esosae.train.set_thresholds`` keeps in a
+per-step scalar times per-feature margins that ``esosae.training.loop.set_thresholds`` keeps in a
 model buffer (checkpointed and logged), and forming it is an m-element op next to a B×d×m
 GEMM. The kernel reads θ as fp32, whatever its float dtype.
 """

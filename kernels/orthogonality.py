@@ -4,7 +4,7 @@
     L = s · Σ_(selected tiles) Σ max(0, |c_ij| − ρ)²     s = 1/(m1·m2) · n_tiles/n_sel
 
 over the ORTH_TILE × ORTH_TILE tiles of c: all of them (exact), or the subset ``tiles``
-((n_sel, 2) int32 tile coordinates, e.g. from ``esosae.reference.sample_tiles``), rescaled
+((n_sel, 2) int32 tile coordinates, e.g. from ``esosae.sae.reference.sample_tiles``), rescaled
 so that the estimate is unbiased. One program handles one whole tile, which is what makes
 the subset semantics exact: the kernels' tile is ORTH_TILE.
 """
@@ -132,7 +132,7 @@ def _check_tiles(tiles: torch.Tensor | None, n1: int, n2: int, device: torch.dev
     """A tile subset must be (n_sel, 2) int32 and contiguous, its entries distinct (row, col)
     tile indices in range (a repeat would be counted twice, unlike the reference's selection
     mask). Returns it on the weights' device. Never syncs host and device: tiles on the CPU
-    (the trainer's, from ``esosae.reference.sample_tiles``) are checked there, then copied
+    (the trainer's, from ``esosae.sae.reference.sample_tiles``) are checked there, then copied
     without blocking; tiles already on the GPU are checked by a device-side assert."""
     if tiles is None:
         return None

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 
-from esosae import distributed, train
+from esosae.training import distributed
+
+from esosae.training import loop as train
 from esosae.cli import main
 
 DUMP = Path(sys.argv[1])

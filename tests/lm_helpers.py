@@ -1,7 +1,7 @@
 """A tiny randomly initialized Llama and a word-level tokenizer, built offline for tests.
 
 ``register_tiny(monkeypatch)`` makes ``--model tiny-llama`` load it through the same
-bridge path as the real models (``esosae.models.LOCAL_MODELS``).
+bridge path as the real models (``esosae.data.models.LOCAL_MODELS``).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def tiny_factory(cache: Path):
 
 
 def register_tiny(monkeypatch) -> None:
-    from esosae import models
+    from esosae.data import models
 
     monkeypatch.setitem(models.LOCAL_MODELS, TINY, tiny_factory)
 

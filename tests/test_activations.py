@@ -1,4 +1,4 @@
-"""Harvesting and the on-disk activation cache (esosae/activations.py)."""
+"""Harvesting and the on-disk activation cache (esosae/data/activations.py)."""
 
 import shutil
 import subprocess
@@ -11,9 +11,13 @@ import torch
 from lm_helpers import D_TINY, TINY, register_tiny, write_txt
 from test_manifest import DAMAGED_META, EDITED, flip_digit, write_meta
 
-from esosae import activations, manifest, models
+from esosae.data import activations
+
+from esosae.run import manifest
+
+from esosae.data import models
 from esosae.config import DataConfig, ModelConfig, TrainConfig
-from esosae.sources import ArraySource
+from esosae.data.sources import ArraySource
 
 ENGLISH = """The river rises in the hills north of the town and flows south through farmland.
 In the spring of 1850 a bridge was built across it, and a mill was opened beside the bridge.

@@ -11,7 +11,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from esosae import cli, experiments, precision
+from esosae import cli
+
+from esosae.experiments import runner as experiments
+
+from esosae.sae import precision
 from esosae.args import OneLineParser, add_fields
 from esosae.config import (
     SECTIONS, ConfigError, Dtype, Schedule, TrainConfig, choices, field_specs,

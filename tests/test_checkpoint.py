@@ -1,4 +1,4 @@
-"""Checksummed checkpoints (esosae/checkpoint.py): the format, verification before torch.load,
+"""Checksummed checkpoints (esosae/run/checkpoint.py): the format, verification before torch.load,
 falling back past a damaged checkpoint, and refusing one that belongs to another run."""
 
 import json
@@ -8,10 +8,10 @@ import zipfile
 import pytest
 import torch
 
-from esosae import checkpoint
+from esosae.run import checkpoint
 from esosae.cli import main
 from esosae.config import TrainConfig
-from esosae.sae import DualLayerSAE
+from esosae.sae.model import DualLayerSAE
 
 TINY = ["--source", "synthetic", "--m1", "32", "--m2", "32", "--batch-size", "128", "--no-eval"]
 EVERY_10 = ["--checkpoint-every", "10", "--keep-checkpoints", "5", "--log-every", "1"]

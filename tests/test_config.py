@@ -179,7 +179,7 @@ def test_bad_config_file_is_one_line_exit_2_before_anything_is_written(tmp_path,
 
 
 def test_synthetic_presets_match_the_sources():
-    from esosae.sources import PRESETS
+    from esosae.data.sources import PRESETS
 
     assert set(SYNTHETIC_PRESETS) == set(PRESETS) == set(choices(Synthetic))
     for name, p in PRESETS.items():

@@ -1,11 +1,11 @@
-"""Text sources, the weighted mixture and fixed contexts (esosae/data.py), on small local files."""
+"""Text sources, the weighted mixture and fixed contexts (esosae/data/text.py), on small local files."""
 
 
 import pytest
 import torch
 from lm_helpers import WORDS, tiny_tokenizer, write_jsonl, write_txt
 
-from esosae import data
+from esosae.data import text as data
 
 BOS = 1
 

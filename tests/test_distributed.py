@@ -5,15 +5,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from esosae.cli import main
-from esosae.checkpoint import checkpoint_path, latest_checkpoint
+from esosae.run.checkpoint import checkpoint_path, latest_checkpoint
 
 HERE = Path(__file__).resolve().parent
 ARGS = ["--source", "synthetic", "--m1", "48", "--m2", "40", "--batch-size", "64", "--steps", "20",
         "--checkpoint-every", "10", "--keep-checkpoints", "5", "--log-every", "1", "--no-eval",
         "--device", "cpu", "--orth-block-fraction", "0.5", "--margin-every", "3", "--seed", "5"]
+
+pytestmark = pytest.mark.slow  # every test here starts torchrun with two gloo ranks
 
 
 def weights(path):

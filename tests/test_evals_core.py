@@ -4,10 +4,12 @@ import pytest
 import torch
 from lm_helpers import TINY, register_tiny, write_txt
 
-from esosae import activations, models
+from esosae.data import activations
+
+from esosae.data import models
 from esosae.config import DataConfig, ModelConfig, SAEConfig, TrainConfig
 from esosae.evals import core
-from esosae.sae import DualLayerSAE
+from esosae.sae.model import DualLayerSAE
 
 HOOK = "blocks.1.hook_out"
 

@@ -8,7 +8,7 @@ import torch
 
 from esosae.config import DataConfig, TrainConfig
 from esosae.evals import curriculum
-from esosae.sae import DualLayerSAE
+from esosae.sae.model import DualLayerSAE
 
 LOG_EVERY = 10
 

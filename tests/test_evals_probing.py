@@ -10,17 +10,21 @@ import torch
 from lm_helpers import TINY, WORDS, register_tiny, write_txt
 from test_manifest import DAMAGED_META, EDITED, flip_digit, write_meta
 
-from esosae import cli, manifest, models
-from esosae.backend import TORCH
+from esosae import cli
+
+from esosae.run import manifest
+
+from esosae.data import models
+from esosae.sae.backend import TORCH
 from esosae.config import DataConfig, ModelConfig, SAEConfig, TrainConfig
 from esosae.evals import probe_cache, probing, tasks
 from esosae.evals.cli import main as eval_main
 from esosae.evals.config import EvalConfig
 from esosae.evals.planted import planted_probing
 from esosae.evals.run import run_all
-from esosae.sae import DualLayerSAE
-from esosae.sources import PRESETS, SyntheticSource, spec_from_config
-from esosae.train import build, train_step
+from esosae.sae.model import DualLayerSAE
+from esosae.data.sources import PRESETS, SyntheticSource, spec_from_config
+from esosae.training.loop import build, train_step
 
 SMALL = EvalConfig(train_size=60, test_size=24, k_values=(1, 2, 50), context_size=12)
 

@@ -6,9 +6,13 @@ import re
 
 import pytest
 
-from esosae import calibrate, experiments, report
+from esosae.experiments import calibrate
+
+from esosae.experiments import runner as experiments
+
+from esosae.experiments import report
 from esosae.config import AUTO_DEFAULTS
-from esosae.grid import METHOD_GRID, budgets, select, train_config
+from esosae.experiments.grid import METHOD_GRID, budgets, select, train_config
 
 FAST = ["--quick", "--sources", "easy", "--synthetic-steps", "30", "--jobs", "1"]  # in-process: monkeypatches apply
 TRAIN_TRY = experiments.train_try

@@ -12,7 +12,13 @@ import torch
 from lm_helpers import TINY as TINY_LM
 from lm_helpers import register_tiny, write_txt
 
-from esosae import activations, checkpoint, models, runio
+from esosae.data import activations
+
+from esosae.run import checkpoint
+
+from esosae.data import models
+
+from esosae.run import atomic as runio
 from esosae.cli import main
 from esosae.config import TrainConfig
 

@@ -34,6 +34,7 @@ def op_kind(op: str) -> str:
     return op.split(" (")[0]
 
 
+@pytest.mark.slow  # the whole script under the interpreter
 def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path):
     out = tmp_path / "check.json"
     env = {**os.environ, "PYTHON": sys.executable}

@@ -7,7 +7,7 @@ and the orthogonality penalty runs over 18 × 18 tiles of 64, exact and sampled 
 trainer's default fraction, with margins that leave some tiles active and others skipped.
 
 Each test compares the output and every gradient with the float64 reference
-(esosae/reference.py), by precision:
+(esosae/sae/reference.py), by precision:
 - fp32 (ieee products): tight, FP32_TOL of the largest reference value;
 - bf16, fp16, and tf32 (fp32 operands with torch.set_float32_matmul_precision("high"), set
   inside the test and restored): STYLE.md's 2× rule, the kernel's error against float64 at
@@ -32,7 +32,7 @@ import test_kernel_encoder as enc
 import test_kernel_orthogonality as orth
 import torch
 
-from esosae import reference
+from esosae.sae import reference
 from esosae.config import SAEConfig, TrainConfig
 from esosae.kernels import decode, encode, orth_penalty
 from esosae.kernels.utils import poisoned_outputs
@@ -123,7 +123,7 @@ def test_decode_compiled_mid_shape(B, name, density):
 
 
 def default_tiles() -> torch.Tensor:
-    """The trainer's tile sample at m1 = m2 = M: esosae.reference.sample_tiles at the default
+    """The trainer's tile sample at m1 = m2 = M: esosae.sae.reference.sample_tiles at the default
     fraction min(1, B / (3·m2)) of the default batch (0.30 of the 18 × 18 tiles)."""
     cfg = TrainConfig(sae=SAEConfig(m1=M, m2=M))
     tiles = reference.sample_tiles(M, M, cfg.orth_block_fraction, torch.Generator().manual_seed(12))
@@ -168,9 +168,9 @@ def test_training_step_never_syncs_host_and_device(dtype):
     statistics, the sampled orthogonality tiles) issues no host-device synchronization:
     CUDA's sync debug mode turns any into an error. Logging steps sync on purpose and are
     not run here."""
-    from esosae.backend import get_backend
+    from esosae.sae.backend import get_backend
     from esosae.config import DataConfig, ScheduleConfig
-    from esosae.train import build, make_source, train_step
+    from esosae.training.loop import build, make_source, train_step
 
     cfg = TrainConfig(data=DataConfig(source="synthetic", synthetic_d=64, synthetic_atoms=256, synthetic_l0=4,
                                       eval_tokens=256),

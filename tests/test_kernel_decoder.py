@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from esosae import reference
+from esosae.sae import reference
 from esosae.kernels import decode
 from esosae.kernels.utils import poisoned_outputs
 

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from esosae import reference
+from esosae.sae import reference
 from esosae.kernels import encode
 from esosae.kernels.utils import poisoned_outputs
 

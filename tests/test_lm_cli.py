@@ -5,7 +5,9 @@ import json
 import pytest
 from lm_helpers import TINY, register_tiny, write_txt
 
-from esosae import cli, models
+from esosae import cli
+
+from esosae.data import models
 
 
 @pytest.fixture

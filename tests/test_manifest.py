@@ -1,4 +1,4 @@
-"""The cache manifest (esosae/manifest.py): round trip and every reason a cache is refused."""
+"""The cache manifest (esosae/run/manifest.py): round trip and every reason a cache is refused."""
 
 import hashlib
 import json
@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from esosae import manifest
+from esosae.run import manifest
 
 SETTINGS = {"format": 1, "model": "tiny", "context_size": 16, "dataset": [{"name": "a.txt", "weight": 1.0}],
             "sizes": (60, 24)}

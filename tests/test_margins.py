@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from esosae.config import SAEConfig
-from esosae.margins import effective_margins, freq_target, pinned_fractions, update_freq, update_margins
+from esosae.sae.margins import effective_margins, freq_target, pinned_fractions, update_freq, update_margins
 
 
 def cfg(**kw):

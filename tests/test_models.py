@@ -1,4 +1,4 @@
-"""Loading models as TransformerBridges, hooks, the BOS convention (esosae/models.py)."""
+"""Loading models as TransformerBridges, hooks, the BOS convention (esosae/data/models.py)."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from lm_helpers import D_TINY, LAYERS_TINY, TINY, register_tiny
 
-from esosae import models
+from esosae.data import models
 from esosae.config import ModelConfig
 
 

@@ -1,9 +1,11 @@
-"""esosae.optim.Adam is torch's fused Adam, bit for bit, and steps on one intra-op thread."""
+"""esosae.training.optim.Adam is torch's fused Adam, bit for bit, and steps on one intra-op thread."""
 
 import pytest
 import torch
 
-from esosae import optim, torch_ops
+from esosae.training import optim
+
+from esosae.sae import torch_ops
 
 
 def params_and_grads(seed: int, n_steps: int):
@@ -100,3 +102,16 @@ def test_dtypes(dtype):
     p.grad = torch.randn(7, dtype=dtype)
     opt.step()
     assert p.dtype == dtype and opt.param_groups[0]["fused"] is True
+
+
+def test_a_copied_optimizer_still_steps():
+    """deepcopy and pickle keep only torch's own optimizer state (gpu_check copies optimizers)."""
+    import copy
+
+    p = torch.nn.Parameter(torch.randn(8))
+    opt = copy.deepcopy(optim.Adam([p], lr=1e-2, betas=(0.9, 0.999)))
+    p_copy = opt.param_groups[0]["params"][0]
+    p_copy.grad = torch.ones(8)
+    before = p_copy.detach().clone()
+    opt.step()
+    assert (p_copy < before).all()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from esosae import precision
+from esosae.sae import precision
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

@@ -4,10 +4,10 @@ import json
 
 import torch
 
-from esosae.backend import TORCH
+from esosae.sae.backend import TORCH
 from esosae.cli import main
 from esosae.config import DataConfig, SAEConfig, TrainConfig
-from esosae.profiling import Ranges, StepTimer, dense_flops_per_token
+from esosae.training.profiling import Ranges, StepTimer, dense_flops_per_token
 
 TINY = ["--source", "synthetic", "--m1", "32", "--m2", "32", "--batch-size", "64", "--steps", "6",
         "--log-every", "2", "--no-eval"]

@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from esosae.config import DataConfig, SAEConfig, TrainConfig
-from esosae.sources import SyntheticSource, atom_recovery, spec_from_config
-from esosae.train import build, train_step
+from esosae.data.sources import SyntheticSource, atom_recovery, spec_from_config
+from esosae.training.loop import build, train_step
 
 
 def train(cfg: TrainConfig, steps: int):
     source = SyntheticSource(spec_from_config(cfg.data), seed=cfg.data.data_seed)
     model, opt = build(cfg, source, torch.device("cpu"))
-    from esosae.backend import TORCH
+    from esosae.sae.backend import TORCH
 
     for step in range(steps):
         train_step(model, opt, TORCH, source.batch(step, cfg.batch_size) * model.scale, cfg, step)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from esosae import reference as ref
+from esosae.sae import reference as ref
 
 
 def params(d=12, m1=20, m2=16, dtype=torch.float64):

@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from esosae import train
+from esosae.training import loop as train
 from esosae.cli import main
-from esosae.rundir import Claim, read_metrics, truncate_metrics
-from esosae.train import RunError
+from esosae.run.layout import Claim, read_metrics, truncate_metrics
+from esosae.training.loop import RunError
 
 TINY = ["--source", "synthetic", "--m1", "32", "--m2", "32", "--batch-size", "128", "--no-eval"]
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from esosae import reference as ref
+from esosae.sae import reference as ref
 from esosae.config import SAEConfig, TrainConfig
-from esosae.sae import DualLayerSAE, SAELoadError
+from esosae.sae.model import DualLayerSAE, SAELoadError
 
 
 def make(arch="esosae", m1=24, m2=16, d=10, scale=1.0, **kw):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from esosae import schedules
+from esosae.sae import schedules
 from esosae.config import ScheduleConfig, TrainConfig
 
 TOTAL = 1000

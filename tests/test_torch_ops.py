@@ -1,4 +1,4 @@
-"""The fast torch ops (esosae.torch_ops) compute the reference's math (esosae.reference).
+"""The fast torch ops (esosae.sae.torch_ops) compute the reference's math (esosae.sae.reference).
 
 Every output and gradient is compared with the reference run in float64 on fresh random
 inputs, on both of each op's paths (active pairs and dense, forced by the density knobs),
@@ -15,11 +15,13 @@ training steps against a backend made of the reference functions.
 import pytest
 import torch
 
-from esosae import reference, torch_ops
-from esosae.backend import TORCH, Backend
+from esosae.sae import reference
+
+from esosae.sae import torch_ops
+from esosae.sae.backend import TORCH, Backend
 from esosae.config import DataConfig, SAEConfig, ScheduleConfig, TrainConfig
-from esosae.reference import sample_tiles
-from esosae.train import build, make_source, train_step
+from esosae.sae.reference import sample_tiles
+from esosae.training.loop import build, make_source, train_step
 
 REF = Backend("reference", reference.encode, reference.decode, reference.orth_penalty)
 SHAPES = [(64, 48, 96), (5, 123, 123), (33, 17, 257)]  # (B, d, m)
@@ -447,9 +449,9 @@ class FixedCores:
 
 def test_wide_work_gives_the_same_numbers_on_one_thread_and_on_two(path, monkeypatch):
     """torch_ops.wide runs its passes on every thread or on one depending on timing, so a
-    training step (with esosae.optim.Adam) must come out bit for bit the same either way,
+    training step (with esosae.training.optim.Adam) must come out bit for bit the same either way,
     at sizes where ATen does split those passes over two threads."""
-    from esosae import optim
+    from esosae.training import optim
 
     data = DataConfig(source="synthetic", synthetic_d=64, synthetic_atoms=256, synthetic_l0=8, eval_tokens=256)
     sae = SAEConfig(arch="esosae", m1=512, m2=384, target_l0=8, l1_coeff=0.05, gamma_max=1.0,

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from esosae.cli import main
-from esosae.checkpoint import latest_checkpoint
+from esosae.run.checkpoint import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--source", "synthetic", "--m1", "32", "--m2", "32", "--batch-size", "128", "--no-eval"]
@@ -59,6 +59,7 @@ def test_same_seed_same_weights(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow  # a Ctrl-C delivered to a training subprocess
 def test_sigint_then_resume_matches_uninterrupted_run(tmp_path):
     args = [*TINY, "--steps", "200", "--log-every", "1", "--checkpoint-every", "1000", "--seed", "3"]
     assert main([*args, "--out-dir", str(tmp_path / "full")]) == 0

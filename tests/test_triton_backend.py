@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from esosae import kernels
-from esosae.backend import TORCH, BackendError, get_backend
+from esosae.sae.backend import TORCH, BackendError, get_backend
 from esosae.config import DataConfig, SAEConfig, ScheduleConfig, TrainConfig
-from esosae.reference import sample_tiles
-from esosae.train import build, make_source, train_step
+from esosae.sae.reference import sample_tiles
+from esosae.training.loop import build, make_source, train_step
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
 STEPS = 5

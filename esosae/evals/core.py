@@ -23,12 +23,12 @@ from typing import Any
 
 import torch
 
-from esosae import data
-from esosae.backend import TORCH, Backend
+from esosae.data import text as data
+from esosae.sae.backend import TORCH, Backend
 from esosae.config import TrainConfig
-from esosae.models import LoadedModel
-from esosae.runio import atomic_write_text
-from esosae.sae import DualLayerSAE
+from esosae.data.models import LoadedModel
+from esosae.run.atomic import atomic_write_text
+from esosae.sae.model import DualLayerSAE
 
 DENSE_FREQ = 0.1
 CE_VERSION = 1
@@ -91,9 +91,9 @@ def cross_layer_cosines(W1: torch.Tensor, W2: torch.Tensor, chunk: int = 1024) -
 
 def heldout_contexts(cfg: TrainConfig, tokenizer: Any, bos_id: int,
                      keep: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """The run's held-out contexts (n, context_size + 1), re-derived from esosae.data.
+    """The run's held-out contexts (n, context_size + 1), re-derived from esosae.data.text.
 
-    The harvest (esosae.activations) puts the stream's first whole contexts into the
+    The harvest (esosae.data.activations) puts the stream's first whole contexts into the
     held-out set while fewer than ``eval_tokens`` text positions precede them; the stream
     is a pure function of the data settings, so the same rule gives the same contexts
     without reading (or rebuilding) the activation cache.

@@ -34,9 +34,9 @@ from typing import Any
 import numpy as np
 
 from esosae.config import TrainConfig
-from esosae import rundir
+from esosae.run import layout as rundir
 from esosae.errors import UserError
-from esosae.sae import DualLayerSAE
+from esosae.sae.model import DualLayerSAE
 
 SETTLE = 0.1
 MU_QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)

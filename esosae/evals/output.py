@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from esosae.config import TrainConfig
-from esosae.models import stop_layer
-from esosae.rundir import EVAL_DIR
-from esosae.runio import atomic_write_text
+from esosae.data.models import stop_layer
+from esosae.run.layout import EVAL_DIR
+from esosae.run.atomic import atomic_write_text
 
 
 

@@ -27,8 +27,8 @@ import torch
 from esosae.evals.config import EvalConfig
 from esosae.evals.probing import probe_task, sae_features
 from esosae.evals.tasks import Task
-from esosae.sae import DualLayerSAE
-from esosae.sources import SyntheticSource
+from esosae.sae.model import DualLayerSAE
+from esosae.data.sources import SyntheticSource
 
 TRAIN_STREAM, TEST_STREAM = -10, -11
 MAX_SAMPLES = 200_000

@@ -16,8 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-from esosae.rundir import PLOTS_DIR  # noqa: E402
-from esosae.runio import atomic_file  # noqa: E402
+from esosae.run.layout import PLOTS_DIR  # noqa: E402
+from esosae.run.atomic import atomic_file  # noqa: E402
 
 PLOT_DIR = PLOTS_DIR
 DPI = 120

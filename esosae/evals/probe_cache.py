@@ -5,7 +5,7 @@ SAE features are nonlinear in the activations, so their per-text mean needs ever
 the cache keeps each text's per-token activations (text positions only, BOS and pad
 dropped), compactly. One folder ``<cache>/probing/<model>__<hook>__<dataset>__<digest>/``:
 
-    meta.json     the manifest (esosae/manifest.py): settings, the texts' sha256, row
+    meta.json     the manifest (esosae/run/manifest.py): settings, the texts' sha256, row
                   counts, the byte size and sha256 of every file below, and a checksum of
                   meta.json's own content (all checked on every reuse, as the harvest cache is)
     rows.npy      (n_tokens, d) float16: text i's tokens are rows[offsets[i]:offsets[i + 1]]
@@ -34,11 +34,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from esosae import manifest
+from esosae.run import manifest
 from esosae.errors import UserError
 from esosae.evals.tasks import ProbeDataset
-from esosae.models import LoadedModel, hook_activations, note
-from esosae.runio import atomic_dir
+from esosae.data.models import LoadedModel, hook_activations, note
+from esosae.run.atomic import atomic_dir
 
 FORMAT_VERSION = 1
 FILES = ("rows.npy", "offsets.npy", "pooled.npy")

@@ -1,6 +1,6 @@
 """What follows a training run: its held-out headline, summary.md and the evaluations.
 
-The trainer (esosae.train.run) returns the trained model and its source; ``evaluate``
+The trainer (esosae.training.loop.run) returns the trained model and its source; ``evaluate``
 measures it on the source's held-out activations (FVU, MSE, L0, dead/dense %, and atom
 recovery on a planted dictionary), writes ``summary.md``, and, unless the config turns
 them off, runs every evaluation of the run directory (esosae.evals.run.run_all). The CLI
@@ -14,10 +14,10 @@ from typing import Any
 
 from esosae.config import TrainConfig
 from esosae.evals.core import reconstruction_metrics
-from esosae.rundir import SUMMARY_FILE
-from esosae.runio import atomic_write_text
-from esosae.sources import ActivationSource, SyntheticSource, atom_recovery
-from esosae.train import Trained
+from esosae.run.layout import SUMMARY_FILE
+from esosae.run.atomic import atomic_write_text
+from esosae.data.sources import ActivationSource, SyntheticSource, atom_recovery
+from esosae.training.loop import Trained
 
 
 def headline(trained: Trained) -> dict[str, Any]:

@@ -24,21 +24,23 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from esosae import precision, schedules
-from esosae.backend import Backend, get_backend, resolve_device
-from esosae.checkpoint import resume_checkpoint, save_checkpoint
+from esosae.sae import precision
+
+from esosae.sae import schedules
+from esosae.sae.backend import Backend, get_backend, resolve_device
+from esosae.run.checkpoint import resume_checkpoint, save_checkpoint
 from esosae.config import TrainConfig
-from esosae.distributed import Dist
+from esosae.training.distributed import Dist
 from esosae.errors import UserError
-from esosae.margins import effective_margins, pinned_fractions, update_freq, update_margins
-from esosae.models import note
-from esosae.optim import Adam
-from esosae.profiling import NO_RANGES, Ranges, StepTimer, dense_flops_per_token, gemm_peak_tflops, torch_trace
-from esosae.reference import sample_tiles
-from esosae.rundir import CONFIG_FILE, METRICS_FILE, SAE_DIR, Claim, truncate_metrics
-from esosae.runio import Interrupted  # noqa: F401  (the CLIs catch train.Interrupted)
-from esosae.sae import DualLayerSAE
-from esosae.sources import ActivationSource, SyntheticSource, generator, spec_from_config
+from esosae.sae.margins import effective_margins, pinned_fractions, update_freq, update_margins
+from esosae.data.models import note
+from esosae.training.optim import Adam
+from esosae.training.profiling import NO_RANGES, Ranges, StepTimer, dense_flops_per_token, gemm_peak_tflops, torch_trace
+from esosae.sae.reference import sample_tiles
+from esosae.run.layout import CONFIG_FILE, METRICS_FILE, SAE_DIR, Claim, truncate_metrics
+from esosae.run.atomic import Interrupted  # noqa: F401  (the CLIs catch train.Interrupted)
+from esosae.sae.model import DualLayerSAE
+from esosae.data.sources import ActivationSource, SyntheticSource, generator, spec_from_config
 
 COS_SAMPLE = 512
 
@@ -52,7 +54,7 @@ def make_source(cfg: TrainConfig, device: torch.device) -> ActivationSource:
     if cfg.data.source == "synthetic":
         return SyntheticSource(spec_from_config(cfg.data), seed=cfg.data.data_seed,
                                eval_rows=cfg.data.eval_tokens)
-    from esosae.activations import lm_source
+    from esosae.data.activations import lm_source
 
     return lm_source(cfg, device)
 
@@ -240,7 +242,7 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, dist: Dist | None
     """Train (or resume) one run in ``run_dir``; returns the trained model and its source
     on rank 0 (None on the others), for the caller to evaluate (esosae.evals.summary).
 
-    A new run claims ``run_dir`` (esosae.rundir.Claim) only once the source and the model
+    A new run claims ``run_dir`` (esosae.run.layout.Claim) only once the source and the model
     are built, and gives it back as it was if it fails before its first checkpoint: an old
     run there (``--overwrite``) is deleted only after that checkpoint. Under torchrun
     (``dist`` given) rank 0 alone builds caches and writes files; every rank reads its own
@@ -274,7 +276,7 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, dist: Dist | None, progr
         dist.barrier()
     model, opt = build(cfg, source, device)
     start = 0
-    if resume:  # the newest intact checkpoint, checked against cfg (esosae.checkpoint)
+    if resume:  # the newest intact checkpoint, checked against cfg (esosae.run.checkpoint)
         start = resume_checkpoint(run_dir, cfg, model, opt, say=note if is_main else None)
     if claim is not None:
         claim.begin()

@@ -2,7 +2,7 @@
 
     RUN_DIR/config.json       the TrainConfig (TrainConfig.to_json / from_json)
     RUN_DIR/metrics.jsonl     one JSON object per logged step, appended as training goes
-    RUN_DIR/checkpoints/      step_XXXXXXXX.pt, the last few (esosae.checkpoint)
+    RUN_DIR/checkpoints/      step_XXXXXXXX.pt, the last few (esosae.run.checkpoint)
     RUN_DIR/sae/              the final SAE (DualLayerSAE.save / load)
     RUN_DIR/summary.md        the held-out headline
     RUN_DIR/eval/*.json       the evaluations (SAEBench-shaped)
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from esosae.errors import UserError
-from esosae.runio import atomic_write_text
+from esosae.run.atomic import atomic_write_text
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"

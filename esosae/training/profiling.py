@@ -22,7 +22,7 @@ from typing import Any
 import nvtx
 import torch
 
-from esosae.backend import Backend
+from esosae.sae.backend import Backend
 
 NVTX_DOMAIN = "esosae"
 TRACE_FILE = "trace.json"

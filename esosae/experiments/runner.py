@@ -35,14 +35,16 @@ from typing import Annotated, Any
 
 import torch
 
-from esosae import calibrate, report
+from esosae.experiments import calibrate
+
+from esosae.experiments import report
 from esosae.args import OneLineParser, add_fields
 from esosae.config import ConfigError, PosInt, Range, Seed
 from esosae.errors import UserError
 from esosae.evals.config import EvalConfig
-from esosae.grid import Budget, Variant, budgets, default_knob, select, train_config
-from esosae.rundir import EVAL_DIR
-from esosae.runio import atomic_write_text
+from esosae.experiments.grid import Budget, Variant, budgets, default_knob, select, train_config
+from esosae.run.layout import EVAL_DIR
+from esosae.run.atomic import atomic_write_text
 
 PROG = "python -m esosae.experiments"
 GRID_FILE = "grid.json"
@@ -86,8 +88,8 @@ def _save(path: Path, state: dict[str, Any]) -> None:
 def train_try(v: Variant, b: Budget, knob: float, seed: int, try_dir: Path) -> dict[str, Any]:
     """Train one try (resuming it if a checkpoint is there); the held-out headline metrics."""
     from esosae.evals.summary import headline
-    from esosae.checkpoint import latest_checkpoint
-    from esosae.train import run
+    from esosae.run.checkpoint import latest_checkpoint
+    from esosae.training.loop import run
 
     cfg = train_config(v, b, knob, seed, str(try_dir))
     resume = (try_dir / "config.json").is_file() and latest_checkpoint(try_dir) is not None
@@ -140,7 +142,7 @@ def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: floa
 def run_source(source: str, variants: tuple[Variant, ...], s: Settings, out: Path, retry_failed: bool,
                threads: int | None) -> dict[str, str]:
     """Every variant of one source, in order; {slug: 'done' | 'failed' | 'interrupted'}."""
-    from esosae.train import Interrupted
+    from esosae.training.loop import Interrupted
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -349,7 +351,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: interrupted; rerun the same command to finish the remaining runs", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_FAILED if "failed" in states else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,14 +21,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from esosae import reference
-from esosae.backend import TORCH, Backend
+from esosae.sae import reference
+from esosae.sae.backend import TORCH, Backend
 from esosae.config import ConfigError, SAEConfig
 from esosae.errors import UserError
-from esosae.margins import freq_target
-from esosae.rundir import SAE_CONFIG as CONFIG_FILE
-from esosae.rundir import SAE_WEIGHTS as WEIGHTS_FILE
-from esosae.runio import atomic_dir, atomic_write_text
+from esosae.sae.margins import freq_target
+from esosae.run.layout import SAE_CONFIG as CONFIG_FILE
+from esosae.run.layout import SAE_WEIGHTS as WEIGHTS_FILE
+from esosae.run.atomic import atomic_dir, atomic_write_text
 
 
 
@@ -78,7 +78,7 @@ class DualLayerSAE(nn.Module):
                 dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """x (B, d), normalized. Returns x_hat, per-row squared error, f and L1 per layer.
 
-        ``dtype``: the operands of the products (esosae.precision), the parameters' own by
+        ``dtype``: the operands of the products (esosae.sae.precision), the parameters' own by
         default. Weights, biases and x are cast to it here, so the fp32 parameters receive
         fp32 gradients through the casts; θ stays fp32, the L1, squared error and fire
         counts come back fp32, and x_hat in the parameters' dtype.

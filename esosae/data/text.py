@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from esosae.errors import UserError
-from esosae.hub import hub_unavailable
+from esosae.data.hub import hub_unavailable
 
 FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SHUFFLE_CONTEXTS = 1024
@@ -90,7 +90,7 @@ def data_dir() -> Path | None:
     env = os.environ.get("ESOSAE_DATA_DIR")
     if env:
         return Path(env).expanduser()
-    default = Path(__file__).resolve().parents[2] / "shared" / "data"
+    default = Path(__file__).resolve().parents[3] / "shared" / "data"  # the repo sits beside shared/
     return default if default.is_dir() else None
 
 

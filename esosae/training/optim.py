@@ -20,7 +20,7 @@ from collections.abc import Iterable
 
 import torch
 
-from esosae.torch_ops import wide
+from esosae.sae.torch_ops import wide
 
 FUSED_DEVICES = ("cpu", "cuda")
 """Devices whose tensors torch's fused Adam takes."""
@@ -34,10 +34,10 @@ class Adam(torch.optim.Adam):
         params = list(params)
         fused = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params) or None
         super().__init__(params, lr=lr, betas=betas, fused=fused)
-        self._cpu = any(p.device.type == "cpu" for p in params)
 
     def step(self, closure=None):
-        if not self._cpu:
+        # read from the parameters each step: a deepcopy or pickle keeps only torch's own state
+        if not any(p.device.type == "cpu" for group in self.param_groups for p in group["params"]):
             return super().step(closure)
         with wide():
             return super().step(closure)

@@ -2,7 +2,7 @@
 
 One cache is a folder ``<cache>/activations/<model>__<hook>__<dataset hash>/``:
 
-    meta.json           the manifest (esosae/manifest.py): the settings it was built for,
+    meta.json           the manifest (esosae/run/manifest.py): the settings it was built for,
                         row counts, the scale s, the byte size and sha256 of every file
                         below, and a checksum of meta.json's own content
     train_00000.npy …   (≤ CHUNK_ROWS, d) training activations, memory-mapped when read
@@ -41,12 +41,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from esosae import data, manifest
+from esosae.data import text as data
+
+from esosae.run import manifest
 from esosae.config import TrainConfig
 from esosae.errors import UserError
-from esosae.models import LoadedModel, cache_root, check_hook, hook_activations, load_model, note
-from esosae.runio import Interrupted, atomic_dir
-from esosae.sources import ArraySource
+from esosae.data.models import LoadedModel, cache_root, check_hook, hook_activations, load_model, note
+from esosae.run.atomic import Interrupted, atomic_dir
+from esosae.data.sources import ArraySource
 
 FORMAT_VERSION = 1
 CHUNK_ROWS = 1 << 17

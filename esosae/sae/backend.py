@@ -4,7 +4,7 @@
 without CUDA is allowed only under ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used
 by the tests). Both backends expose the same three functions with the same signatures, so
 the model and the trainer run one code path whichever is chosen. ``torch`` is
-``esosae.torch_ops``: the reference's math (``esosae.reference``, the oracle) with the
+``esosae.sae.torch_ops``: the reference's math (``esosae.sae.reference``, the oracle) with the
 work cut to what a sparse SAE needs on the CPU.
 """
 
@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from esosae import torch_ops
+from esosae.sae import torch_ops
 from esosae.errors import UserError
 
 

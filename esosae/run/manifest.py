@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from esosae.runio import atomic_write_text
+from esosae.run.atomic import atomic_write_text
 
 META = "meta.json"
 RESERVED = ("settings", "files", "checksum")

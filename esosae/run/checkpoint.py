@@ -48,8 +48,8 @@ import torch
 
 from esosae.config import TrainConfig
 from esosae.errors import UserError
-from esosae.rundir import CHECKPOINT_DIR
-from esosae.runio import atomic_file, deferred_sigint, remove_orphaned_temps
+from esosae.run.layout import CHECKPOINT_DIR
+from esosae.run.atomic import atomic_file, deferred_sigint, remove_orphaned_temps
 
 TRAILER_PREFIX = b"esosae-checkpoint sha256:"
 TRAILER_LEN = len(TRAILER_PREFIX) + 64
@@ -136,7 +136,7 @@ def _write(state: dict[str, Any], path: Path) -> None:
             raise
         if not (out.tail.startswith(EOCD_SIGNATURE) and out.tail.endswith(b"\0\0")):
             raise RuntimeError("torch.save did not end with a zip end-of-central-directory record "
-                               "without a comment; esosae.checkpoint needs updating for this torch")
+                               "without a comment; esosae.run.checkpoint needs updating for this torch")
         fh.seek(-2, os.SEEK_END)
         fh.write(struct.pack("<H", TRAILER_LEN) + TRAILER_PREFIX + out.sha.hexdigest().encode())
 
