@@ -29,3 +29,13 @@ def one_thread():
     with threadpool_limits(1):
         yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def poisoned():
+    """Every kernel output buffer starts as NaN (or int32 min) instead of uninitialized memory,
+    so a test sees any element a kernel failed to write (``pytestmark = usefixtures("poisoned")``)."""
+    from esosae.kernels.utils import poisoned_outputs
+
+    with poisoned_outputs():
+        yield

@@ -8,7 +8,7 @@ trainer's default fraction, with margins that leave some tiles active and others
 
 Each test compares the output and every gradient with the float64 reference
 (esosae/sae/reference.py), by precision:
-- fp32 (ieee products): tight, FP32_TOL of the largest reference value;
+- fp32 (ieee products): tight, tests/helpers.py's FP32_TOL of the largest reference value;
 - bf16, fp16, and tf32 (fp32 operands with torch.set_float32_matmul_precision("high"), set
   inside the test and restored): STYLE.md's 2× rule, the kernel's error against float64 at
   most twice the error of the reference run in that precision (bf16 or fp16 operands, or
@@ -31,11 +31,11 @@ import test_kernel_decoder as dec
 import test_kernel_encoder as enc
 import test_kernel_orthogonality as orth
 import torch
+from helpers import assert_matches
 
 from esosae.sae import reference
 from esosae.config import SAEConfig, TrainConfig
 from esosae.kernels import decode, encode, orth_penalty
-from esosae.kernels.utils import poisoned_outputs
 
 
 def _why_skipped() -> str | None:
@@ -47,7 +47,8 @@ def _why_skipped() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_why_skipped() is not None, reason=_why_skipped() or "")
+pytestmark = [pytest.mark.skipif(_why_skipped() is not None, reason=_why_skipped() or ""),
+              pytest.mark.usefixtures("poisoned")]
 
 F64 = torch.float64
 D, M = 576, 1152  # the default run's d and m per layer
@@ -55,14 +56,8 @@ BATCHES = [300, 257]
 PRECISIONS = {  # name: (operand dtype, torch's float32 matmul precision while the test runs)
     "fp32": (torch.float32, "highest"), "tf32": (torch.float32, "high"),
     "bf16": (torch.bfloat16, "highest"), "fp16": (torch.float16, "highest")}
-FP32_TOL = 1e-5  # relative to the largest reference value: fp32 sums of ≤ 1,152 products
-UNIT_ROUNDOFF = {"bf16": 2**-9, "fp16": 2**-11, "tf32": 2**-11}  # 8, 11 and 11 significant bits
 
 
-@pytest.fixture(autouse=True)
-def _poison_outputs():
-    with poisoned_outputs():
-        yield
 
 
 @contextlib.contextmanager
@@ -75,26 +70,6 @@ def precision(name: str) -> Iterator[torch.dtype]:
         yield dtype
     finally:
         torch.set_float32_matmul_precision(old)
-
-
-def assert_matches(out: dict, ref: dict, low: dict, name: str) -> None:
-    """Every output and gradient of ``out`` against the float64 ``ref``: tight for fp32, else the
-    2× rule against ``low`` (the reference run in that precision) plus a one-roundoff floor."""
-    assert out.keys() == ref.keys() == low.keys()
-    for key, r in ref.items():
-        o = out[key]
-        if key == "fire_count":
-            assert o.dtype == torch.int32 and torch.equal(o, r.to(torch.int32)), key
-            continue
-        assert not o.isnan().any(), f"{key}: unwritten (NaN-poisoned) elements"
-        err = (o.double() - r).abs().max().item()
-        scale = r.abs().max().item()
-        if name == "fp32":
-            assert err <= FP32_TOL * scale, f"{key}: error {err:.3g} > {FP32_TOL} × {scale:.3g}"
-        else:
-            base = (low[key].double() - r).abs().max().item()
-            floor = UNIT_ROUNDOFF[name] * scale
-            assert err <= 2 * base + floor, f"{key}: error {err:.3g} > 2 × torch's {base:.3g} + {floor:.3g}"
 
 
 @pytest.mark.parametrize("mode", ["jump", "relu"])

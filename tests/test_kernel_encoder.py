@@ -6,28 +6,20 @@ against float64 is at most twice the error of ``reference.encode`` run in that d
 output buffer is poisoned with NaN before the kernel writes it.
 """
 
-import os
-
 import pytest
 import torch
+from helpers import DEVICE, F64, PRECISION_OF, assert_matches
 
 from esosae.sae import reference
 from esosae.kernels import encode
-from esosae.kernels.utils import poisoned_outputs
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
-F64 = torch.float64
 SHAPES = [(32, 64, 256), (37, 48, 200)]  # (B, d, m): tile multiples, and not
 LOW = [torch.bfloat16, torch.float16]
-FP32_TOL = 1e-5  # relative to the largest reference value: fp32 accumulation over ≤ 256 terms
 SEPARATION = 0.04  # |a − θ| ≥ this in every test that compares masks: ≫ bf16's error on a
 INPUTS = ("x", "W_enc", "b_enc", "b_dec")
 
 
-@pytest.fixture(autouse=True)
-def _poison_outputs():
-    with poisoned_outputs():
-        yield
+pytestmark = pytest.mark.usefixtures("poisoned")
 
 
 def preact(inp):
@@ -76,21 +68,6 @@ def run(op, inp, dtype, need=INPUTS):
     return out
 
 
-def assert_matches(out, ref, low=None):
-    """fp32: tight. Low precision (``low`` = reference run in that dtype): the 2× rule."""
-    assert out.keys() == ref.keys()
-    for name, r in ref.items():
-        o = out[name]
-        if name == "fire_count":
-            assert o.dtype == torch.int32 and torch.equal(o, r.to(torch.int32)), name
-            continue
-        assert not o.isnan().any(), f"{name}: unwritten (NaN-poisoned) elements"
-        err = (o.double() - r).abs().max().item()
-        if low is None:
-            assert err <= FP32_TOL * max(1.0, r.abs().max().item()), f"{name}: error {err}"
-        else:
-            base = (low[name].double() - r).abs().max().item()
-            assert err <= 2 * base, f"{name}: error {err} > 2 × torch's {base}"
 
 
 @pytest.mark.parametrize("mode", ["relu", "jump", "dead", "all"])
@@ -103,7 +80,7 @@ def test_encode_matches_reference(B, d, m, dtype, mode):
     assert out["f"].dtype == dtype and out["row_l1"].dtype == torch.float32
     assert all(out[f"grad_{k}"].dtype == dtype for k in INPUTS)
     low = None if dtype == torch.float32 else run(reference.encode, inp, dtype)
-    assert_matches(out, ref, low)
+    assert_matches(out, ref, low, PRECISION_OF[dtype])
     fired = (ref["f"] != 0).sum().item()
     if mode == "dead":
         assert fired == 0
@@ -163,8 +140,8 @@ def test_encode_upstream_grads_missing_or_expanded():
             f, l1, _ = op(*leaves, inp["theta"].to(dtype))
             loss(f, l1).backward()
             grads.append([t.grad for t in leaves])
-        for g, r in zip(*grads):
-            assert (g.double() - r).abs().max() <= FP32_TOL * max(1.0, r.abs().max().item())
+        for i, (g, r) in enumerate(zip(*grads)):
+            assert_matches({i: g}, {i: r})
 
 
 def test_encode_propagates_nan_like_the_reference():

@@ -6,25 +6,17 @@ run in that dtype. The penalty's partial sums are poisoned with NaN before the k
 them (the gradients accumulate into zeroed buffers, so they cannot be).
 """
 
-import os
-
 import pytest
 import torch
+from helpers import DEVICE, F64, FP32_TOL, PRECISION_OF, assert_matches
 
 from esosae.sae import reference
 from esosae.kernels import orth_penalty
-from esosae.kernels.utils import poisoned_outputs
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
-F64 = torch.float64
 SHAPES = [(256, 256, 64), (200, 130, 48)]  # (m1, m2, d): tile multiples, and not
-FP32_TOL = 1e-5  # relative to the largest reference value
 
 
-@pytest.fixture(autouse=True)
-def _poison_outputs():
-    with poisoned_outputs():
-        yield
+pytestmark = pytest.mark.usefixtures("poisoned")
 
 
 def unit_rows(m, d):
@@ -43,17 +35,6 @@ def run(op, W1, W2, margin, tiles, dtype, g_out=2.5, same=False):
     return out
 
 
-def assert_matches(out, ref, low=None):
-    """fp32: tight. Low precision (``low`` = reference run in that dtype): the 2× rule."""
-    for name, r in ref.items():
-        o = out[name]
-        assert not o.isnan().any(), f"{name}: NaN (an unwritten partial sum?)"
-        err = (o.double() - r).abs().max().item()
-        if low is None:
-            assert err <= FP32_TOL * max(r.abs().max().item(), 1e-12), f"{name}: error {err}"
-        else:
-            base = (low[name].double() - r).abs().max().item()
-            assert err <= 2 * base, f"{name}: error {err} > 2 × torch's {base}"
 
 
 def subset(m1, m2):
@@ -74,7 +55,7 @@ def test_orth_penalty_matches_reference(m1, m2, d, dtype, margin, sampled):
     low = None if dtype == torch.float32 else run(reference.orth_penalty, W1, W2, margin, tiles, dtype)
     ref = run(reference.orth_penalty, W1, W2, margin, tiles, F64)
     assert ref["loss"] > 0
-    assert_matches(out, ref, low)
+    assert_matches(out, ref, low, PRECISION_OF[dtype])
 
 
 def test_orth_margin_leaves_some_tiles_free():

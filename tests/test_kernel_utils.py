@@ -110,10 +110,6 @@ def test_interp_bf16_flag_only_for_interpreted_bf16():
     assert not utils.interp_bf16(_dot_kernel, torch.float32)
 
 
-def test_orth_tile_matches_reference():
-    assert utils.ORTH_TILE == reference.ORTH_TILE
-
-
 FAMILIES = ("sm_80", "sm_89", "sm_90")
 KINDS = ("gemm", "fused", "orth_fwd", "orth_bwd")
 

@@ -8,10 +8,10 @@ the reference backend to fp32 accuracy.
 
 import dataclasses
 import functools
-import os
 
 import pytest
 import torch
+from helpers import DEVICE, assert_close
 
 from esosae import kernels
 from esosae.sae.backend import TORCH, BackendError, get_backend
@@ -19,7 +19,6 @@ from esosae.config import DataConfig, SAEConfig, ScheduleConfig, TrainConfig
 from esosae.sae.reference import sample_tiles
 from esosae.training.loop import build, make_source, train_step
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
 STEPS = 5
 
 
@@ -141,11 +140,3 @@ def test_mixed_precision_training_tracks_fp32(dtype):
     assert worst <= MIXED_TOL, f"{dtype} loss departs from fp32 by {worst:.2%}"
     assert low != ref  # the 16-bit path really ran
     assert all(t == torch.float32 for t in dtypes.values()), {k: t for k, t in dtypes.items() if t != torch.float32}
-
-
-def assert_close(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
-    """fp32 agreement: |a − b| ≤ 1e-5 · max|b|, the accumulated rounding of fp32 sums
-    taken in a different order, far below any real discrepancy."""
-    assert a.dtype == b.dtype and a.shape == b.shape, name
-    err = (a.double() - b.double()).abs().max().item()
-    assert err <= 1e-5 * max(b.abs().max().item(), 1e-30), f"{name}: error {err}"
