@@ -10,7 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-from esosae.sae import reference
 from esosae.kernels import utils
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
