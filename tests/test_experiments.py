@@ -3,6 +3,7 @@
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,7 @@ from esosae.experiments import runner as experiments
 
 from esosae.experiments import report
 from esosae.config import AUTO_DEFAULTS
-from esosae.experiments.grid import METHOD_GRID, budgets, select, train_config
+from esosae.experiments.grid import METHOD_GRID, Variant, ablations, budgets, changes, full_method, select, train_config
 
 FAST = ["--quick", "--sources", "easy", "--synthetic-steps", "30", "--jobs", "1"]  # in-process: monkeypatches apply
 TRAIN_TRY = experiments.train_try
@@ -147,6 +148,7 @@ def test_grid_resumes_reports_failures_and_its_report_matches_the_json(tmp_path,
     seeds = text.split("Across the two seeds of runs 2 and 9")[1].split("\n")
     mean_row = next(line for line in seeds if line.startswith("| std of the mean AUC"))
     assert mean_row.split("|")[2].strip() == report.fmt(abs(a - b) / math.sqrt(2))
+    assert "with seed 0 (run 9: seed + 1)." in text
     for name in ("curves", "probing", "margins", "cosines", "fvu_l0"):
         assert (out / "plots" / f"easy_{name}.png").stat().st_size > 1000
         assert f"plots/easy_{name}.png" in text
@@ -160,6 +162,30 @@ def test_same_folder_with_other_settings_is_refused(tmp_path, monkeypatch, capsy
     assert experiments.main(["--quick", "--sources", "easy", "--synthetic-steps", "40", "--runs", "2",
                              "--out", str(out)]) == 2
     assert "holds a grid run with other settings (budgets.easy)" in capsys.readouterr().err
+
+
+def test_the_reports_roles_come_from_the_variants_settings():
+    """Which run is the full method and which ablates what: read from the settings, so a
+    renumbered or reordered grid cannot make the report compare the wrong runs."""
+    assert full_method(METHOD_GRID).run == 2 and changes(full_method(METHOD_GRID)) == set()
+    assert {s: [v.run for v in ablations(s, METHOD_GRID)] for s in
+            ("schedule", "clamp_margins", "margins", "gamma_warmup", "orthogonality", "seed_offset", "arch")} == {
+        "schedule": [3, 4], "clamp_margins": [5], "margins": [6], "gamma_warmup": [7], "orthogonality": [8],
+        "seed_offset": [9], "arch": [0, 1]}
+    renumbered = (Variant(7, "no_orth", orthogonality=False), Variant(3, "both", clamp_margins=False, seed_offset=1),
+                  Variant(4, "full"), Variant(1, "unclamped", clamp_margins=False))
+    assert full_method(renumbered).run == 4
+    assert [v.run for v in ablations("clamp_margins", renumbered)] == [1]  # not 3, which changes two settings
+    assert ablations("seed_offset", renumbered) == ()
+    runs = [report.GridRun("easy", f"run{n:02d}", {"run": n, "status": "done"}, dir=Path("x")) for n in (1, 3, 4, 7)]
+    grid = report.Grid(renumbered, (1, 2))
+    assert [r.run for r in grid.compared(runs, "clamp_margins")] == [1, 4]
+    assert [r.run for r in grid.compared(runs, "orthogonality")] == [4, 7]
+    assert [r.run for r in grid.compared(runs, "seed_offset")] == [4]
+    with pytest.raises(ValueError, match="runs 4, 5 all have the default settings"):
+        full_method((*renumbered, Variant(5, "again")))
+    with pytest.raises(ValueError, match="'note' is not a setting"):
+        ablations("note", METHOD_GRID)
 
 
 def test_select_keeps_grid_order():

@@ -31,7 +31,7 @@ from esosae.evals.config import EvalConfig
 from esosae.evals.core import lm_core_metrics, reconstruction_metrics
 from esosae.evals.planted import planted_probing
 from esosae.data.models import LoadedModel, cache_root, check_hook, load_model, note
-from esosae.run.layout import CONFIG_FILE, METRICS_FILE, SAE_DIR
+from esosae.run.layout import CONFIG_FILE, METRICS_FILE, PLOTS_DIR, SAE_DIR
 from esosae.sae.model import DualLayerSAE
 from esosae.data.sources import SyntheticSource, atom_recovery, spec_from_config
 
@@ -173,14 +173,15 @@ def run_all(run_dir: str | Path, only: Iterable[str] | None = None, progress: bo
         if name == "curriculum":
             result = curriculum_eval(run, records)
             plots.curriculum_plot(result["eval_result_unstructured"]["curves"],
-                                  run_dir / plots.PLOT_DIR / "curriculum.png", title)
+                                  run_dir / PLOTS_DIR / "curriculum.png", title)
         elif name == "core":
             result = core_eval(run, cfg)
         else:
             result = probing_eval(run, cfg, datasets, progress)
-            plots.probing_plot(result["eval_result_metrics"], cfg.k_values,
-                               run_dir / plots.PLOT_DIR / "sparse_probing.png", title,
-                               "model hidden units" if run.is_lm else "input dimensions")
+            m = result["eval_result_metrics"]
+            plots.probing_plot([("SAE features", m["sae"])],
+                               ("model hidden units" if run.is_lm else "input dimensions", m["llm"]),
+                               cfg.k_values, run_dir / PLOTS_DIR / "sparse_probing.png", title)
         stem = "sparse_probing" if name == "probing" else name
         path = output.write(run_dir, stem, result)
         done[stem] = result

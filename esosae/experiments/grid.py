@@ -61,6 +61,33 @@ METHOD_GRID: tuple[Variant, ...] = (
 )
 GRIDS = {"method": METHOD_GRID}
 
+IDENTITY = ("run", "name", "note")
+"""The fields of a Variant that name it; every other field is a setting."""
+
+
+def changes(v: Variant) -> set[str]:
+    """The settings in which ``v`` departs from the full method (Variant's defaults)."""
+    return {f.name for f in dataclasses.fields(Variant)
+            if f.name not in IDENTITY and getattr(v, f.name) != f.default}
+
+
+def full_method(variants: tuple[Variant, ...]) -> Variant | None:
+    """The full E-SOSAE: the one variant with every setting at its default (run 2 of the
+    method grid), or None when the grid has none; two such variants are an error."""
+    found = [v for v in variants if not changes(v)]
+    if len(found) > 1:
+        raise ValueError(f"runs {', '.join(str(v.run) for v in found)} all have the default settings")
+    return found[0] if found else None
+
+
+def ablations(setting: str, variants: tuple[Variant, ...]) -> tuple[Variant, ...]:
+    """The variants that change ``setting`` alone from the full method, in run order (in the
+    method grid: 'schedule' → runs 3 and 4, 'clamp_margins' → 5, 'orthogonality' → 8,
+    'seed_offset' → 9)."""
+    if setting in IDENTITY or setting not in {f.name for f in dataclasses.fields(Variant)}:
+        raise ValueError(f"{setting!r} is not a setting of Variant")
+    return tuple(v for v in variants if changes(v) == {setting})
+
 
 @dataclass(frozen=True)
 class Budget:

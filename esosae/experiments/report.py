@@ -3,8 +3,12 @@
 Every number comes from a file under the grid folder: ``grid.json`` (settings,
 invocations), each run's ``calibration.json`` (the knob's tries) and, in the chosen try's
 run directory, ``eval/{core,sparse_probing,curriculum}.json``, ``metrics.jsonl`` and
-``sae/sae.safetensors`` (margins μ and decoders, for the histograms). A ``reading.md``
-next to ``grid.json``, if present, is placed at the top.
+``sae/sae.safetensors`` (margins μ and decoders, for the histograms) and ``config.json``
+(the clamp bounds μ_min/μ_max and ρ the histograms mark). Which run is the full method
+and which ablates what comes from the grid's variants (``esosae.experiments.grid``), the
+k of the probing tables from the grid's evaluation settings. A ``reading.md`` next to
+``grid.json``, if present, is placed at the top. The figures are drawn with the shared
+helpers of ``esosae.evals.plots``.
 
     python -m esosae.report experiments/method      # rewrite the report of a grid folder
 """
@@ -19,18 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt  # its backend: Agg, chosen by esosae.evals.plots
+import numpy as np
+from safetensors.numpy import load_file
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from safetensors.numpy import load_file  # noqa: E402
-
-from esosae.run.layout import EVAL_DIR, METRICS_FILE, PLOTS_DIR, SAE_DIR, SAE_WEIGHTS, read_metrics  # noqa: E402
-from esosae.run.atomic import atomic_file, atomic_write_text  # noqa: E402
+from esosae.config import ConfigError, SAEConfig, TrainConfig
+from esosae.evals import plots
+from esosae.evals.config import EvalConfig
+from esosae.experiments.grid import GRIDS, Variant, ablations, full_method
+from esosae.run.atomic import atomic_write_text
+from esosae.run.layout import CONFIG_FILE, EVAL_DIR, METRICS_FILE, PLOTS_DIR, SAE_DIR, SAE_WEIGHTS, read_metrics
 
 REPORT_FILE = "report.md"
-K_VALUES = (1, 2, 5, 10, 20, 50)
 SOURCE_TITLES = {"lm": "Language model", "easy": "Planted dictionary, easy", "hard": "Planted dictionary, hard"}
 
 
@@ -60,6 +64,38 @@ class GridRun:
 
     def weights(self) -> dict[str, np.ndarray]:
         return load_file(str(self.dir / SAE_DIR / SAE_WEIGHTS))
+
+    def setting(self, name: str) -> Any:
+        """A setting of the grid variant this run trained (``calibration.json``'s copy of it)."""
+        return self.cal["variant"][name]
+
+    def sae_config(self) -> SAEConfig:
+        """The SAE settings in the run's ``config.json`` (the defaults when it cannot be read)."""
+        try:
+            return TrainConfig.from_json(self.dir / CONFIG_FILE).sae
+        except ConfigError:
+            return SAEConfig()
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What the report needs from ``grid.json``: the grid's variants and the probing's k."""
+
+    variants: tuple[Variant, ...]
+    k_values: tuple[int, ...]
+
+    @classmethod
+    def read(cls, out: Path) -> Grid:
+        g = _json(out / "grid.json")
+        k = _get(g, "evals", "k_values")
+        return cls(GRIDS.get(g.get("grid", "method"), ()), tuple(k) if k else EvalConfig().k_values)
+
+    def compared(self, runs: list[GridRun], setting: str) -> list[GridRun]:
+        """The finished runs of the full method and of the variants that change ``setting``
+        alone (grid.ablations), in run order: what a plot or table of that ablation compares."""
+        full = full_method(self.variants)
+        wanted = {v.run for v in ablations(setting, self.variants)} | ({full.run} if full else set())
+        return [r for r in runs if r.done and r.run in wanted]
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -101,6 +137,15 @@ def fmt(x: Any, digits: int = 3) -> str:
     if isinstance(x, int):
         return str(x)
     return f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:,.0f}"
+
+
+NUMBERS = {2: "two", 3: "three", 4: "four"}
+
+
+def _and(items: Any) -> str:
+    """'2', '2 and 9', '2, 9 and 10'."""
+    words = [str(x) for x in items]
+    return " and ".join(filter(None, [", ".join(words[:-1]), words[-1]])) if words else ""
 
 
 def table(header: list[str], rows: list[list[Any]]) -> list[str]:
@@ -154,17 +199,18 @@ def calibration_table(runs: list[GridRun]) -> list[str]:
     return table(["run", "variant", "try", "knob", "held-out L0", "FVU", "chosen", "wall s"], rows)
 
 
-def probing_tables(runs: list[GridRun]) -> list[str]:
+def probing_tables(runs: list[GridRun], grid: Grid) -> list[str]:
     done = [r for r in runs if r.done and r.probing]
     if not done:
         return ["No sparse-probing results.", ""]
+    ks = grid.k_values
     out = []
     for what, name in (("accuracy", "test accuracy"), ("auc", "test AUC")):
-        head = ["run", "variant"] + [f"top-{k}" for k in K_VALUES] + ["all features"]
-        rows = [[r.run, r.cal.get("name", r.slug)] + [_get(r.probing, "sae", f"sae_top_{k}_test_{what}") for k in K_VALUES]
+        head = ["run", "variant"] + [f"top-{k}" for k in ks] + ["all features"]
+        rows = [[r.run, r.cal.get("name", r.slug)] + [_get(r.probing, "sae", f"sae_top_{k}_test_{what}") for k in ks]
                 + [_get(r.probing, "sae", f"sae_test_{what}")] for r in done]
         llm = done[0].probing.get("llm", {})
-        rows.append(["llm", "the model's own units"] + [llm.get(f"llm_top_{k}_test_{what}") for k in K_VALUES]
+        rows.append(["llm", "the model's own units"] + [llm.get(f"llm_top_{k}_test_{what}") for k in ks]
                     + [llm.get(f"llm_test_{what}")])
         out += [f"Mean {name} over the tasks:", ""] + table(head, rows)
     return out
@@ -188,35 +234,35 @@ def curriculum_table(runs: list[GridRun]) -> list[str]:
     return table(head, rows)
 
 
-def consistency_tables(runs: list[GridRun]) -> list[str]:
+def consistency_tables(runs: list[GridRun], grid: Grid) -> list[str]:
     done = [r for r in runs if r.done and r.probing]
     if not done:
         return []
-    keys = [f"top_{k}_" for k in K_VALUES] + [""]
-    head = ["run", "variant"] + [f"top-{k}" for k in K_VALUES] + ["all features"]
+    keys = [f"top_{k}_" for k in grid.k_values] + [""]
+    head = ["run", "variant"] + [f"top-{k}" for k in grid.k_values] + ["all features"]
     rows = [[r.run, r.cal.get("name", r.slug)] + [_get(r.probing, "consistency", f"sae_{k}test_auc_task_std")
                                                    for k in keys] for r in done]
     out = ["Standard deviation of the test AUC across tasks:", ""] + table(head, rows)
-    by_run = {r.run: r for r in done}
-    if 2 in by_run and 9 in by_run:
-        a, b = by_run[2], by_run[9]
-        per_task_a = {d["dataset_name"]: d for d in a.probing_details}
-        per_task_b = {d["dataset_name"]: d for d in b.probing_details}
-        tasks = sorted(set(per_task_a) & set(per_task_b))
+    seeds = grid.compared(done, "seed_offset")  # the full method and its other seeds
+    if len(seeds) >= 2:
+        per_task = [{d["dataset_name"]: d for d in r.probing_details} for r in seeds]
+        tasks = sorted(set.intersection(*(set(p) for p in per_task)))
         seed_rows = []
-        for label, fn in (("std of the mean AUC", None), ("mean over datasets of the per-dataset std", 1)):
+        for label, across_tasks in (("std of the mean AUC", False),
+                                    ("mean over datasets of the per-dataset std", True)):
             row: list[Any] = [label]
             for k in keys:
                 key = f"sae_{k}test_auc"
-                if fn is None:
-                    vals = [_get(a.probing, "sae", key), _get(b.probing, "sae", key)]
+                if not across_tasks:
+                    vals = [_get(r.probing, "sae", key) for r in seeds]
                     row.append(statistics.stdev(vals) if None not in vals else None)
                 else:
-                    stds = [statistics.stdev([per_task_a[t][key], per_task_b[t][key]]) for t in tasks
-                            if key in per_task_a[t] and key in per_task_b[t]]
+                    stds = [statistics.stdev([p[t][key] for p in per_task]) for t in tasks
+                            if all(key in p[t] for p in per_task)]
                     row.append(statistics.fmean(stds) if stds else None)
             seed_rows.append(row)
-        out += ["Across the two seeds of runs 2 and 9 (sample std of two values):", ""]
+        n = NUMBERS.get(len(seeds), str(len(seeds)))
+        out += [f"Across the {n} seeds of runs {_and(r.run for r in seeds)} (sample std of {n} values):", ""]
         out += table(["", *head[2:]], seed_rows)
     return out
 
@@ -224,24 +270,17 @@ def consistency_tables(runs: list[GridRun]) -> list[str]:
 # -- plots ---------------------------------------------------------------------------------
 
 
-def _save(fig: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.set_layout_engine("constrained")
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
-def curves_plot(runs: list[GridRun], path: Path, title: str) -> bool:
-    """τ(t), L0(t), FVU(t), dead %(t) of the exp / linear / const runs (2, 3, 4) overlaid."""
-    chosen = [r for r in runs if r.done and r.run in (2, 3, 4)]
+def curves_plot(runs: list[GridRun], grid: Grid, path: Path, title: str) -> bool:
+    """τ(t), L0(t), FVU(t), dead %(t) of the full method and its schedule ablations
+    (exp / linear / const: runs 2, 3, 4 of the method grid) overlaid."""
+    chosen = grid.compared(runs, "schedule")
     if not chosen:
         return False
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for r in chosen:
         recs = r.records()
         step = [x["step"] for x in recs]
-        label = f"run {r.run}: {r.cal['variant']['schedule']}"
+        label = f"run {r.run}: {r.setting('schedule')}"
         axes[0, 0].plot(step, [x["tau1"] for x in recs], label=label)
         axes[0, 1].plot(step, [x["l0_1"] + x.get("l0_2", 0.0) for x in recs], label=label)
         axes[1, 0].plot(step, [x["fvu"] for x in recs], label=label)
@@ -254,77 +293,59 @@ def curves_plot(runs: list[GridRun], path: Path, title: str) -> bool:
     axes[0, 1].set_yscale("log")
     axes[0, 0].legend()
     fig.suptitle(title)
-    _save(fig, path)
+    plots.save(fig, path)
     return True
 
 
-def probing_plot(runs: list[GridRun], path: Path, title: str) -> bool:
+def probing_plot(runs: list[GridRun], grid: Grid, path: Path, title: str) -> bool:
+    """Every finished run's sparse probing against k, and the model's own units."""
     done = [r for r in runs if r.done and r.probing]
     if not done:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for what, ax in zip(("accuracy", "auc"), axes):
-        for r in done:
-            ax.plot(K_VALUES, [_get(r.probing, "sae", f"sae_top_{k}_test_{what}") for k in K_VALUES], marker="o",
-                    label=f"{r.run}: {r.cal.get('name')}")
-        llm = done[0].probing.get("llm", {})
-        ax.plot(K_VALUES, [llm.get(f"llm_top_{k}_test_{what}") for k in K_VALUES], "k--", label="llm")
-        ax.set_xscale("log")
-        ax.set_xlabel("k (features the probe sees)")
-        ax.set_title(f"mean test {what}")
-    axes[1].legend(fontsize=7, ncol=2)
-    fig.suptitle(title)
-    _save(fig, path)
+    plots.probing_plot([(f"{r.run}: {r.cal.get('name')}", r.probing.get("sae", {})) for r in done],
+                       ("llm", done[0].probing.get("llm", {})), grid.k_values, path, title)
     return True
 
 
-def margins_plot(runs: list[GridRun], path: Path, title: str) -> bool:
-    """Final μ of both layers, run 2 (clamped) against run 5 (unclamped)."""
-    pair = [r for r in runs if r.done and r.run in (2, 5)]
+def margins_plot(runs: list[GridRun], grid: Grid, path: Path, title: str) -> bool:
+    """Final μ of both layers, the full method (clamped) against its clamping ablation (run 2
+    against run 5 of the method grid); dotted: the clamp bounds of the clamped runs' configs."""
+    pair = grid.compared(runs, "clamp_margins")
     if not pair:
         return False
     mus = {r.run: np.concatenate([r.weights()[k] for k in ("mu1", "mu2")]) for r in pair}
     lo = min(float(m.min()) for m in mus.values())
     hi = max(float(m.max()) for m in mus.values())
     bins = np.geomspace(max(lo, 1e-6) * 0.9, hi * 1.1, 60) if hi > lo else 30
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in pair:
-        ax.hist(mus[r.run], bins=bins, alpha=0.6, label=f"run {r.run}: {'clamped' if r.run == 2 else 'unclamped'}")
-    ax.set_xscale("log")
-    ax.axvline(0.25, color="k", ls=":")
-    ax.axvline(4.0, color="k", ls=":")
-    ax.set_xlabel("margin μ (both layers; dotted: the clamp bounds)")
-    ax.set_ylabel("features")
-    ax.legend()
-    ax.set_title(title)
-    _save(fig, path)
+    clamped = [r.sae_config() for r in pair if r.setting("clamp_margins")] or [SAEConfig()]
+    plots.histogram_plot([(f"run {r.run}: {'clamped' if r.setting('clamp_margins') else 'unclamped'}", mus[r.run])
+                          for r in pair], path, title, "margin μ (both layers; dotted: the clamp bounds)",
+                         "features", bins=bins, marks=sorted({b for c in clamped for b in (c.mu_min, c.mu_max)}),
+                         xlog=True, alpha=0.6)
     return True
 
 
-def cosine_plot(runs: list[GridRun], path: Path, title: str) -> bool:
-    """|cos| between every layer-1 and layer-2 decoder row: run 2 against run 8 (γ = 0)."""
-    pair = [r for r in runs if r.done and r.run in (2, 8)]
+def cosine_plot(runs: list[GridRun], grid: Grid, path: Path, title: str) -> bool:
+    """|cos| between every layer-1 and layer-2 decoder row: the full method against its
+    orthogonality ablation (γ = 0; run 2 against run 8 of the method grid); dotted: ρ."""
+    pair = grid.compared(runs, "orthogonality")
     if not pair:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4))
+    samples, rhos = [], set()
     for r in pair:
         w = r.weights()
         w1 = w["W_dec1"] / np.linalg.norm(w["W_dec1"], axis=1, keepdims=True)
         w2 = w["W_dec2"] / np.linalg.norm(w["W_dec2"], axis=1, keepdims=True)
         cos = np.abs(w1 @ w2.T).ravel()  # (m1·m2,)
-        ax.hist(cos, bins=100, histtype="step", density=True,
-                label=f"run {r.run}: {'orthogonality on' if r.run == 2 else 'γ = 0'} (max {cos.max():.2f})")
-    ax.axvline(0.1, color="k", ls=":")
-    ax.set_yscale("log")
-    ax.set_xlabel("|cos(W_dec1[i], W_dec2[j])| (dotted: ρ)")
-    ax.set_ylabel("density")
-    ax.legend()
-    ax.set_title(title)
-    _save(fig, path)
+        on = r.setting("orthogonality")
+        rhos |= {r.sae_config().orth_margin} if on else set()
+        samples.append((f"run {r.run}: {'orthogonality on' if on else 'γ = 0'} (max {cos.max():.2f})", cos))
+    plots.histogram_plot(samples, path, title, "|cos(W_dec1[i], W_dec2[j])| (dotted: ρ)", "density", bins=100,
+                         marks=sorted(rhos or {SAEConfig().orth_margin}), ylog=True, histtype="step", density=True)
     return True
 
 
-def fvu_l0_plot(runs: list[GridRun], path: Path, title: str) -> bool:
+def fvu_l0_plot(runs: list[GridRun], grid: Grid, path: Path, title: str) -> bool:
     done = [r for r in runs if r.done and r.core]
     if not done:
         return False
@@ -340,7 +361,7 @@ def fvu_l0_plot(runs: list[GridRun], path: Path, title: str) -> bool:
     ax.set_xlabel("held-out L0 (both layers)")
     ax.set_ylabel("held-out FVU")
     ax.set_title(title)
-    _save(fig, path)
+    plots.save(fig, path)
     return True
 
 
@@ -354,7 +375,7 @@ PLOTS = (("curves", curves_plot, "τ, L0, FVU and dead % over training (exp / li
 # -- the report ----------------------------------------------------------------------------
 
 
-def header(out: Path, sources: list[str]) -> list[str]:
+def header(out: Path, sources: list[str], grid: Grid) -> list[str]:
     g = _json(out / "grid.json")
     lines = ["# E-SOSAE comparison grid (METHOD.md §8)", ""]
     reading = out / "reading.md"
@@ -375,9 +396,10 @@ def header(out: Path, sources: list[str]) -> list[str]:
                  b["target_l0"]] for s, b in budgets.items() if s in sources]
         lines += table(["source", "steps", "batch", "tokens", "E-SOSAE widths", "baseline width",
                         "target total L0"], rows)
-        lines += [f"Every run of a source trains on the same tokens with seed {g.get('seed')} (run 9: "
-                  f"seed + 1). Its sparsity knob (τ_T factor for E-SOSAE, λ for ReLU, k for TopK) is "
-                  f"calibrated in up to {g.get('max_tries')} tries to land the held-out L0 within "
+        reseeded = "; ".join(f"run {v.run}: seed + {v.seed_offset}" for v in ablations("seed_offset", grid.variants))
+        lines += [f"Every run of a source trains on the same tokens with seed {g.get('seed')}"
+                  f"{f' ({reseeded})' if reseeded else ''}. Its sparsity knob (τ_T factor for E-SOSAE, λ for "
+                  f"ReLU, k for TopK) is calibrated in up to {g.get('max_tries')} tries to land the held-out L0 within "
                   f"±{g.get('band', 0.2):.0%} of the target; the tables say which runs made it.", ""]
     return lines
 
@@ -385,19 +407,19 @@ def header(out: Path, sources: list[str]) -> list[str]:
 def write_report(out: str | Path) -> Path:
     """Write ``report.md`` and ``plots/*.png`` for the grid folder ``out``; returns the report path."""
     out = Path(out)
-    grid = load(out)
-    lines = header(out, list(grid))
-    for source, runs in grid.items():
+    found, grid = load(out), Grid.read(out)
+    lines = header(out, list(found), grid)
+    for source, runs in found.items():
         title = SOURCE_TITLES.get(source, source)
         lines += [f"## {title} (`{source}`)", "", "### Core metrics (held-out)", ""]
         lines += core_table(runs)
-        lines += ["### Sparse probing", ""] + probing_tables(runs)
-        lines += ["### AUC consistency", ""] + consistency_tables(runs)
+        lines += ["### Sparse probing", ""] + probing_tables(runs, grid)
+        lines += ["### AUC consistency", ""] + consistency_tables(runs, grid)
         lines += ["### Curriculum", ""] + curriculum_table(runs)
         lines += ["### Calibration tries", ""] + calibration_table(runs)
         for name, fn, what in PLOTS:
             rel = Path(PLOTS_DIR) / f"{source}_{name}.png"
-            if fn(runs, out / rel, f"{title}: {what}"):
+            if fn(runs, grid, out / rel, f"{title}: {what}"):
                 lines += [f"![{what}]({rel.as_posix()})", ""]
     path = out / REPORT_FILE
     atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
