@@ -152,3 +152,16 @@ def test_a_full_disk_after_training_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(summary, "headline", full)
     assert main([*TINY, "--steps", "2", "--out-dir", str(tmp_path / "run")]) == 2
     one_line(capsys, "no space left on the disk", "summary.md", "--resume")
+
+
+def test_atomic_writes_get_the_permissions_a_plain_open_would(tmp_path):
+    """mkstemp/mkdtemp make private 0600/0700 files; a run's files are as readable as any other."""
+    import stat
+
+    from esosae.run.atomic import UMASK, atomic_dir, atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    with atomic_dir(tmp_path / "d") as d:
+        (d / "f").write_text("y")
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~UMASK
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~UMASK

@@ -72,6 +72,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # read it by setting it, then put it back
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
+"""The process's umask: files written atomically get the permissions a plain ``open`` would
+give them (mkstemp and mkdtemp make private 0600/0700 ones)."""
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yields a temporary path to write; on success it replaces ``path``."""
@@ -84,6 +95,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
@@ -103,6 +115,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~UMASK)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old")
