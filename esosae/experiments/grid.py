@@ -21,6 +21,11 @@ from typing import Any
 
 from esosae.config import AUTO_DEFAULTS, ConfigError, Synthetic, TrainConfig, choices
 
+GRID_FILE = "grid.json"
+"""The grid folder's record of its settings, variants and invocations (runner writes, report reads)."""
+CALIBRATION_FILE = "calibration.json"
+"""Each run folder's calibration tries and chosen try."""
+
 
 @dataclass(frozen=True)
 class Variant:

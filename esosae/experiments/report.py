@@ -30,7 +30,7 @@ from safetensors.numpy import load_file
 from esosae.config import ConfigError, SAEConfig, TrainConfig
 from esosae.evals import plots
 from esosae.evals.config import EvalConfig
-from esosae.experiments.grid import GRIDS, Variant, ablations, full_method
+from esosae.experiments.grid import CALIBRATION_FILE, GRID_FILE, GRIDS, Variant, ablations, full_method
 from esosae.run.atomic import atomic_write_text
 from esosae.run.layout import CONFIG_FILE, EVAL_DIR, METRICS_FILE, PLOTS_DIR, SAE_DIR, SAE_WEIGHTS, read_metrics
 
@@ -86,7 +86,7 @@ class Grid:
 
     @classmethod
     def read(cls, out: Path) -> Grid:
-        g = _json(out / "grid.json")
+        g = _json(out / GRID_FILE)
         k = _get(g, "evals", "k_values")
         return cls(GRIDS.get(g.get("grid", "method"), ()), tuple(k) if k else EvalConfig().k_values)
 
@@ -113,7 +113,7 @@ def _json(path: Path) -> dict[str, Any]:
 def load(out: Path) -> dict[str, list[GridRun]]:
     """{source: runs in run order} for every run folder that has a calibration.json."""
     found: dict[str, list[GridRun]] = {}
-    for cal_path in sorted(out.glob("*/run*/calibration.json")):
+    for cal_path in sorted(out.glob(f"*/run*/{CALIBRATION_FILE}")):
         cal = _json(cal_path)
         r = GridRun(cal_path.parent.parent.name, cal_path.parent.name, cal)
         if cal.get("status") == "done" and cal.get("chosen") is not None:
@@ -376,7 +376,7 @@ PLOTS = (("curves", curves_plot, "τ, L0, FVU and dead % over training (exp / li
 
 
 def header(out: Path, sources: list[str], grid: Grid) -> list[str]:
-    g = _json(out / "grid.json")
+    g = _json(out / GRID_FILE)
     lines = ["# E-SOSAE comparison grid (METHOD.md §8)", ""]
     reading = out / "reading.md"
     if reading.is_file():
@@ -428,7 +428,7 @@ def write_report(out: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or not (Path(argv[0]) / "grid.json").is_file():
+    if len(argv) != 1 or not (Path(argv[0]) / GRID_FILE).is_file():
         print("python -m esosae.report: error: give one grid folder (the --out of esosae.experiments, "
               "with its grid.json)", file=sys.stderr)
         return 2

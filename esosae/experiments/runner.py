@@ -42,13 +42,12 @@ from esosae.args import OneLineParser, add_fields
 from esosae.config import ConfigError, PosInt, Range, Seed
 from esosae.errors import UserError
 from esosae.evals.config import EvalConfig
-from esosae.experiments.grid import Budget, Variant, budgets, default_knob, select, train_config
+from esosae.experiments.grid import (CALIBRATION_FILE, GRID_FILE, Budget, Variant, budgets, default_knob, select,
+                                     train_config)
 from esosae.run.layout import EVAL_DIR
 from esosae.run.atomic import atomic_write_text
 
 PROG = "python -m esosae.experiments"
-GRID_FILE = "grid.json"
-CALIBRATION_FILE = "calibration.json"
 EVAL_FILES = ("core", "sparse_probing", "curriculum")
 SOURCES = ("lm", "easy", "hard")
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
