@@ -23,7 +23,7 @@ and the peak memory one call allocates beyond what was allocated before it. Also
 
 - checks: ours against the float64 reference at the benchmark shapes, outputs and every
   gradient: max abs and relative error, passing within 2× the error of the reference run in
-  that precision plus one unit roundoff of the largest value (tests/test_kernel_cuda.py's rule);
+  that precision plus one unit roundoff of the largest value (tests/helpers.py's rule);
 - determinism: ours run twice on the same inputs, outputs and gradients compared bit for bit
   (the step: loss, weights and gradients after one step from the same state);
 - registers, spills and shared memory of every compiled kernel variant (the CompiledKernel
@@ -392,7 +392,7 @@ def compiled_backend(name: str, mode: str | None, dry: bool, share: Any = None) 
 def error_check(out: dict[str, Any], ref: dict[str, Any], low: dict[str, Any], precision: str) -> dict[str, Any]:
     """Each tensor of ``out`` against the float64 ``ref``: max abs and relative error, and the
     2× rule against ``low`` (the reference run in ``precision``) plus a one-roundoff floor."""
-    from test_kernel_cuda import UNIT_ROUNDOFF
+    from helpers import UNIT_ROUNDOFF  # the tests' tolerance policy (tests/helpers.py)
 
     tensors = {}
     for key, r in ref.items():
