@@ -156,23 +156,26 @@ def _check_tiles(tiles: torch.Tensor | None, n1: int, n2: int, device: torch.dev
     return tiles
 
 
+def _n_selected(m1: int, m2: int, tiles: torch.Tensor | None) -> int:
+    """Programs of a launch: the selected tiles, or every tile of the n1 × n2 grid."""
+    return triton.cdiv(m1, ORTH_TILE) * triton.cdiv(m2, ORTH_TILE) if tiles is None else tiles.shape[0]
+
+
 def _orth_launch(kernel: object, W1: torch.Tensor, W2: torch.Tensor, tiles: torch.Tensor | None,
                  *args: object, **consts: object) -> None:
     """Launch an orthogonality kernel: one program per selected tile (all tiles without
     ``tiles``), the architecture's reduction chunk and launch options."""
     m1, m2, d = W1.shape[0], W2.shape[0], W1.shape[1]
-    n1, n2 = triton.cdiv(m1, ORTH_TILE), triton.cdiv(m2, ORTH_TILE)
     kind = "orth_fwd" if kernel is _orth_fwd_kernel else "orth_bwd"
     cfg = tile_config(kind, W1.dtype, kernel, W1.device, ORTH_TILE, ORTH_TILE, d)
     tiles_arg = W1 if tiles is None else tiles  # the pointer is unread without tiles
-    launch(kernel, n1 * n2 if tiles is None else tiles.shape[0], cfg, W1.dtype, W1, W2, tiles_arg, *args,
-           m1, m2, d, n2, **consts, TILE=ORTH_TILE, HAS_TILES=tiles is not None)
+    launch(kernel, _n_selected(m1, m2, tiles), cfg, W1.dtype, W1, W2, tiles_arg, *args,
+           m1, m2, d, triton.cdiv(m2, ORTH_TILE), **consts, TILE=ORTH_TILE, HAS_TILES=tiles is not None)
 
 
 def _scale(m1: int, m2: int, tiles: torch.Tensor | None) -> float:
     """s = 1/(m1·m2) · n_tiles/n_sel."""
-    n_tiles = triton.cdiv(m1, ORTH_TILE) * triton.cdiv(m2, ORTH_TILE)
-    return n_tiles / ((n_tiles if tiles is None else tiles.shape[0]) * m1 * m2)
+    return _n_selected(m1, m2, None) / (_n_selected(m1, m2, tiles) * m1 * m2)
 
 
 @nvtx_range("esosae.orth.fwd")
@@ -185,8 +188,7 @@ def orth_forward(W1: torch.Tensor, W2: torch.Tensor, margin: float,
     if not math.isfinite(margin):
         raise ValueError(f"orth_penalty: margin ρ must be a finite number (got {margin})")
     tiles = _check_tiles(tiles, triton.cdiv(n["m1"], ORTH_TILE), triton.cdiv(n["m2"], ORTH_TILE), W1.device)
-    n_programs = triton.cdiv(n["m1"], ORTH_TILE) * triton.cdiv(n["m2"], ORTH_TILE) if tiles is None else tiles.shape[0]
-    part = alloc((n_programs,), torch.float32, W1.device)
+    part = alloc((_n_selected(n["m1"], n["m2"], tiles),), torch.float32, W1.device)
     _orth_launch(_orth_fwd_kernel, W1, W2, tiles, part, margin=margin)
     return part.sum() * _scale(n["m1"], n["m2"], tiles), tiles
 
