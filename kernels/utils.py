@@ -35,7 +35,8 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime.interpreter import InterpretedFunction
 
 ORTH_TILE = 64
-"""Side of the square tiles of W_dec1 W_dec2ᵀ; equals ``esosae.sae.reference.ORTH_TILE`` (tested)."""
+"""Side of the square tiles of W_dec1 W_dec2ᵀ; equals ``esosae.sae.reference.ORTH_TILE`` (the sampled-tile
+tests against the reference fail otherwise)."""
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """Operand dtypes the kernels accept; all accumulate in fp32."""

@@ -81,7 +81,8 @@ class DualLayerSAE(nn.Module):
         ``dtype``: the operands of the products (esosae.sae.precision), the parameters' own by
         default. Weights, biases and x are cast to it here, so the fp32 parameters receive
         fp32 gradients through the casts; θ stays fp32, the L1, squared error and fire
-        counts come back fp32, and x_hat in the parameters' dtype.
+        counts come back fp32, and x_hat in the parameters' dtype. ``W_dec`` holds the two
+        decoders as the products saw them, for the orthogonality penalty (no second cast).
         """
         param_dtype = self.W_dec1.dtype
 
@@ -93,16 +94,17 @@ class DualLayerSAE(nn.Module):
             f1, l1_1, fire1 = reference.topk_encode(x, op(self.W_enc1), op(self.b_enc1), op(self.b_dec), self.cfg.k)
         else:
             f1, l1_1, fire1 = ops.encode(x, op(self.W_enc1), op(self.b_enc1), op(self.b_dec), self.theta1)
-        x_hat, sq_err = ops.decode(f1, op(self.W_dec1), op(self.b_dec), x)  # (B, d), (B,)
+        W_dec1, W_dec2 = op(self.W_dec1), op(self.W_dec2)
+        x_hat, sq_err = ops.decode(f1, W_dec1, op(self.b_dec), x)  # (B, d), (B,)
         out = {"f1": f1, "l1_1": l1_1, "fire1": fire1}
         if self.cfg.m2 > 0:
             r = x - x_hat  # (B, d): gradients flow through r into layer 1
             zero = op(self.zero_bias)
             f2, l1_2, fire2 = ops.encode(r, op(self.W_enc2), op(self.b_enc2), zero, self.theta2)
-            r_hat, sq_err = ops.decode(f2, op(self.W_dec2), zero, r)
+            r_hat, sq_err = ops.decode(f2, W_dec2, zero, r)
             x_hat = x_hat + r_hat
             out.update(f2=f2, l1_2=l1_2, fire2=fire2)
-        out.update(x_hat=x_hat.to(param_dtype), sq_err=sq_err)
+        out.update(x_hat=x_hat.to(param_dtype), sq_err=sq_err, W_dec=(W_dec1, W_dec2))
         return out
 
     @torch.no_grad()

@@ -131,7 +131,7 @@ def train_step(model: DualLayerSAE, opt: torch.optim.Optimizer, ops: Backend, x:
         # drawn on the CPU and handed over as they are: the op checks and copies them without a host sync
         tiles = sample_tiles(sae_cfg.m1, sae_cfg.m2, cfg.orth_block_fraction, step_generator(cfg.seed, step, 1))
         with precision.matmul_precision(prec):
-            orth = ops.orth_penalty(model.W_dec1.to(dtype), model.W_dec2.to(dtype), sae_cfg.orth_margin, tiles)
+            orth = ops.orth_penalty(*out["W_dec"], sae_cfg.orth_margin, tiles)  # the decoders as cast for the step
     loss = mse + l1 + gamma * orth
     if timer is not None:
         timer.mark("forward")
