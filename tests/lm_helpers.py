@@ -70,3 +70,20 @@ def write_jsonl(path: Path, n_docs: int, seed: int = 0, words: list[str] = WORDS
     docs = [" ".join(word_lines(4, seed * 1000 + i, words)) for i in range(n_docs)]
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return path
+
+
+def interrupt_harvest_at(monkeypatch, call: int) -> list[int]:
+    """A Ctrl-C (KeyboardInterrupt) at the harvest's ``call``-th language-model forward; the
+    returned list grows by one per forward."""
+    from esosae.data import activations
+
+    real, calls = activations.hook_activations, []
+
+    def forward(*args):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(activations, "hook_activations", forward)
+    return calls

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from lm_helpers import D_TINY, TINY, register_tiny, write_txt
+from lm_helpers import D_TINY, TINY, interrupt_harvest_at, register_tiny, write_txt
 from test_manifest import DAMAGED_META, EDITED, flip_digit, write_meta
 
 from esosae.data import activations
@@ -188,15 +188,7 @@ def test_edited_or_damaged_meta_json_is_rebuilt_never_trained_on(tmp_path, tiny,
 
 def test_interrupted_harvest_leaves_no_cache(tmp_path, tiny, monkeypatch):
     cfg = tiny_cfg(tmp_path)
-    real, calls = activations.hook_activations, []
-
-    def interrupt_third_batch(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(activations, "hook_activations", interrupt_third_batch)
+    interrupt_harvest_at(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         build(cfg)
     assert leftovers(cfg) == []

@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from lm_helpers import TINY as TINY_LM
-from lm_helpers import register_tiny, write_txt
+from lm_helpers import interrupt_harvest_at, register_tiny, write_txt
 
-from esosae.data import activations
 
 from esosae.run import checkpoint
 
@@ -152,15 +151,7 @@ def test_ctrl_c_during_checkpoint_writes_leaves_them_whole_and_no_traceback(tmp_
 def test_ctrl_c_during_the_harvest_is_one_line_exit_130_and_caches_nothing(tmp_path, capsys, monkeypatch):
     register_tiny(monkeypatch)
     monkeypatch.setattr(models, "hub_unavailable", lambda: "cannot reach huggingface.co: test")
-    real, calls = activations.hook_activations, []
-
-    def ctrl_c_at_the_third_batch(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(activations, "hook_activations", ctrl_c_at_the_third_batch)
+    calls = interrupt_harvest_at(monkeypatch, 3)
     text = write_txt(tmp_path / "text.txt", 150)
     cache, run = tmp_path / "cache", tmp_path / "run"
     argv = ["--model", TINY_LM, "--hook", "blocks.1.hook_out", "--dataset", str(text), "--cache-dir", str(cache),
