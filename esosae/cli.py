@@ -95,8 +95,8 @@ def resume_hint(run_dir: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Train from command-line flags; under torchrun every rank calls this, rank 0 reports."""
-    from esosae.training import distributed
     from esosae.evals.summary import evaluate
+    from esosae.training import distributed
     from esosae.training.loop import Interrupted, run
 
     argv = sys.argv[1:] if argv is None else argv

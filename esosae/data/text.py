@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from esosae.errors import UserError
 from esosae.data.hub import hub_unavailable
+from esosae.errors import UserError
 
 FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SHUFFLE_CONTEXTS = 1024

@@ -23,11 +23,11 @@ from typing import Any
 
 import torch
 
-from esosae.data import text as data
-from esosae.sae.backend import TORCH, Backend
 from esosae.config import TrainConfig
+from esosae.data import text as data
 from esosae.data.models import LoadedModel
 from esosae.run.atomic import atomic_write_text
+from esosae.sae.backend import TORCH, Backend
 from esosae.sae.model import DualLayerSAE
 
 DENSE_FREQ = 0.1

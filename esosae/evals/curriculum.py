@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 
 from esosae.config import TrainConfig
-from esosae.run import layout as rundir
 from esosae.errors import UserError
+from esosae.run import layout as rundir
 from esosae.sae.model import DualLayerSAE
 
 SETTLE = 0.1

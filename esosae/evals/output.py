@@ -27,9 +27,8 @@ from typing import Any
 
 from esosae.config import TrainConfig
 from esosae.data.models import stop_layer
-from esosae.run.layout import EVAL_DIR
 from esosae.run.atomic import atomic_write_text
-
+from esosae.run.layout import EVAL_DIR
 
 
 def sae_cfg_dict(cfg: TrainConfig, d_in: int) -> dict[str, Any]:

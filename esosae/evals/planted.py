@@ -24,11 +24,11 @@ import math
 import numpy as np
 import torch
 
+from esosae.data.sources import SyntheticSource
 from esosae.evals.config import EvalConfig
 from esosae.evals.probing import probe_task, sae_features
 from esosae.evals.tasks import Task
 from esosae.sae.model import DualLayerSAE
-from esosae.data.sources import SyntheticSource
 
 TRAIN_STREAM, TEST_STREAM = -10, -11
 MAX_SAMPLES = 200_000

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from esosae.run import manifest
+from esosae.data.models import LoadedModel, hook_activations, note
 from esosae.errors import UserError
 from esosae.evals.tasks import ProbeDataset
-from esosae.data.models import LoadedModel, hook_activations, note
+from esosae.run import manifest
 from esosae.run.atomic import atomic_dir
 
 FORMAT_VERSION = 1

@@ -41,13 +41,13 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from esosae.sae.backend import TORCH
+from esosae.data.models import LoadedModel
 from esosae.evals import probe_cache, tasks
 from esosae.evals.config import EvalConfig
 from esosae.evals.probe_cache import ProbeActivations
 from esosae.evals.tasks import Task
-from esosae.data.models import LoadedModel
 from esosae.run.atomic import atomic_write_text
+from esosae.sae.backend import TORCH
 from esosae.sae.model import DualLayerSAE
 
 LLM_RESULTS = "llm_results.json"

@@ -23,18 +23,17 @@ from typing import Any
 
 import torch
 
-from esosae.sae.backend import resolve_device
 from esosae.config import TrainConfig
+from esosae.data.models import LoadedModel, cache_root, check_hook, load_model, note
+from esosae.data.sources import SyntheticSource, atom_recovery, spec_from_config
 from esosae.errors import UserError
 from esosae.evals import curriculum, output, plots, probing, tasks
 from esosae.evals.config import EvalConfig
 from esosae.evals.core import lm_core_metrics, reconstruction_metrics
 from esosae.evals.planted import planted_probing
-from esosae.data.models import LoadedModel, cache_root, check_hook, load_model, note
 from esosae.run.layout import CONFIG_FILE, METRICS_FILE, PLOTS_DIR, SAE_DIR
+from esosae.sae.backend import resolve_device
 from esosae.sae.model import DualLayerSAE
-from esosae.data.sources import SyntheticSource, atom_recovery, spec_from_config
-
 
 
 class EvalError(UserError):

@@ -13,10 +13,10 @@ import json
 from typing import Any
 
 from esosae.config import TrainConfig
-from esosae.evals.core import reconstruction_metrics
-from esosae.run.layout import SUMMARY_FILE
-from esosae.run.atomic import atomic_write_text
 from esosae.data.sources import ActivationSource, SyntheticSource, atom_recovery
+from esosae.evals.core import reconstruction_metrics
+from esosae.run.atomic import atomic_write_text
+from esosae.run.layout import SUMMARY_FILE
 from esosae.training.loop import Trained
 
 

@@ -44,9 +44,9 @@ from typing import Any
 
 import numpy as np
 
+from esosae.data.hub import hub_unavailable
 from esosae.data.text import data_dir
 from esosae.errors import UserError
-from esosae.data.hub import hub_unavailable
 
 MIN_PER_CLASS = 2
 """A task needs at least this many texts of each class in each split."""

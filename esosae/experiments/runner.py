@@ -35,17 +35,15 @@ from typing import Annotated, Any
 
 import torch
 
-from esosae.experiments import calibrate
-
-from esosae.experiments import report
 from esosae.args import OneLineParser, add_fields
 from esosae.config import ConfigError, PosInt, Range, Seed
 from esosae.errors import UserError
 from esosae.evals.config import EvalConfig
+from esosae.experiments import calibrate, report
 from esosae.experiments.grid import (CALIBRATION_FILE, GRID_FILE, Budget, Variant, budgets, default_knob, select,
                                      train_config)
-from esosae.run.layout import EVAL_DIR
 from esosae.run.atomic import atomic_write_text
+from esosae.run.layout import EVAL_DIR
 
 PROG = "python -m esosae.experiments"
 EVAL_FILES = ("core", "sparse_probing", "curriculum")

@@ -48,8 +48,8 @@ import torch
 
 from esosae.config import TrainConfig
 from esosae.errors import UserError
-from esosae.run.layout import CHECKPOINT_DIR
 from esosae.run.atomic import atomic_file, deferred_sigint, remove_orphaned_temps
+from esosae.run.layout import CHECKPOINT_DIR
 
 TRAILER_PREFIX = b"esosae-checkpoint sha256:"
 TRAILER_LEN = len(TRAILER_PREFIX) + 64

@@ -16,8 +16,8 @@ from typing import Callable
 
 import torch
 
-from esosae.sae import torch_ops
 from esosae.errors import UserError
+from esosae.sae import torch_ops
 
 
 class BackendError(UserError):

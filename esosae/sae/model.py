@@ -21,15 +21,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from esosae.sae import reference
-from esosae.sae.backend import TORCH, Backend
 from esosae.config import ConfigError, SAEConfig
 from esosae.errors import UserError
-from esosae.sae.margins import freq_target
+from esosae.run.atomic import atomic_dir, atomic_write_text
 from esosae.run.layout import SAE_CONFIG as CONFIG_FILE
 from esosae.run.layout import SAE_WEIGHTS as WEIGHTS_FILE
-from esosae.run.atomic import atomic_dir, atomic_write_text
-
+from esosae.sae import reference
+from esosae.sae.backend import TORCH, Backend
+from esosae.sae.margins import freq_target
 
 
 class DualLayerSAE(nn.Module):

@@ -24,23 +24,21 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from esosae.sae import precision
-
-from esosae.sae import schedules
-from esosae.sae.backend import Backend, get_backend, resolve_device
-from esosae.run.checkpoint import resume_checkpoint, save_checkpoint
 from esosae.config import TrainConfig
-from esosae.training.distributed import Dist
-from esosae.errors import UserError
-from esosae.sae.margins import effective_margins, pinned_fractions, update_freq, update_margins
 from esosae.data.models import note
+from esosae.data.sources import ActivationSource, SyntheticSource, generator, spec_from_config
+from esosae.errors import UserError
+from esosae.run.atomic import Interrupted
+from esosae.run.checkpoint import resume_checkpoint, save_checkpoint
+from esosae.run.layout import CONFIG_FILE, METRICS_FILE, SAE_DIR, Claim, truncate_metrics
+from esosae.sae import precision, schedules
+from esosae.sae.backend import Backend, get_backend, resolve_device
+from esosae.sae.margins import effective_margins, pinned_fractions, update_freq, update_margins
+from esosae.sae.model import DualLayerSAE
+from esosae.sae.reference import sample_tiles
+from esosae.training.distributed import Dist
 from esosae.training.optim import Adam
 from esosae.training.profiling import NO_RANGES, Ranges, StepTimer, dense_flops_per_token, gemm_peak_tflops, torch_trace
-from esosae.sae.reference import sample_tiles
-from esosae.run.layout import CONFIG_FILE, METRICS_FILE, SAE_DIR, Claim, truncate_metrics
-from esosae.run.atomic import Interrupted  # noqa: F401  (the CLIs catch train.Interrupted)
-from esosae.sae.model import DualLayerSAE
-from esosae.data.sources import ActivationSource, SyntheticSource, generator, spec_from_config
 
 COS_SAMPLE = 512
 
