@@ -138,7 +138,7 @@ def test_truncated_chunk_is_detected_and_rebuilt_identically(tmp_path, tiny, cap
 
 def test_flipped_bytes_fail_the_checksum(tmp_path, tiny):
     cfg = tiny_cfg(tmp_path)
-    sources = activations.data.parse_sources(cfg.data.dataset)
+    sources = activations.text.parse_sources(cfg.data.dataset)
     build(cfg)
     folder = activations.cache_folder(cfg)
     with open(folder / "heldout.npy", "r+b") as fh:
@@ -183,7 +183,7 @@ def test_edited_or_damaged_meta_json_is_rebuilt_never_trained_on(tmp_path, tiny,
     assert f"{reason}; rebuilding it" in err and "using cached activations" not in err
     assert again.scale == scale and all(torch.equal(a, b) for a, b in zip(first, snapshot(again)))
     assert isinstance(manifest.read(again.folder, activations.wanted_settings(
-        cfg, activations.data.parse_sources(cfg.data.dataset))), dict)
+        cfg, activations.text.parse_sources(cfg.data.dataset))), dict)
 
 
 def test_interrupted_harvest_leaves_no_cache(tmp_path, tiny, monkeypatch):

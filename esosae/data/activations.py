@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from esosae.config import TrainConfig
-from esosae.data import text as data
+from esosae.data import text
 from esosae.data.models import LoadedModel, cache_root, check_hook, hook_activations, load_model, note
 from esosae.data.sources import ArraySource
 from esosae.errors import UserError
@@ -75,13 +75,13 @@ def cache_folder(cfg: TrainConfig) -> Path:
     return cache_root(cfg.model.cache_dir) / "activations" / name
 
 
-def wanted_settings(cfg: TrainConfig, sources: list[data.TextSource]) -> dict[str, Any]:
+def wanted_settings(cfg: TrainConfig, sources: list[text.TextSource]) -> dict[str, Any]:
     """Everything the cached rows depend on; a cache is reused only if these are equal."""
     d = cfg.data
     return {"format": FORMAT_VERSION, "model": cfg.model.model, "hook": cfg.model.hook,
             "dataset": [s.describe() for s in sources], "context_size": d.context_size,
             "harvest_tokens": d.harvest_tokens, "eval_tokens": d.eval_tokens,
-            "dtype": d.cache_dtype, "data_seed": d.data_seed, "shuffle_contexts": data.SHUFFLE_CONTEXTS}
+            "dtype": d.cache_dtype, "data_seed": d.data_seed, "shuffle_contexts": text.SHUFFLE_CONTEXTS}
 
 
 # -- reading -----------------------------------------------------------------------------
@@ -194,13 +194,13 @@ def _ctrl_c_stops_cleanly() -> Iterator[None]:
                           "Run the same command again to harvest from the start") from None
 
 
-def harvest(cfg: TrainConfig, sources: list[data.TextSource], folder: Path, model: LoadedModel,
+def harvest(cfg: TrainConfig, sources: list[text.TextSource], folder: Path, model: LoadedModel,
             progress: bool = True) -> dict[str, Any]:
     """Run ``model`` over the text mixture, write a complete cache to ``folder`` and return
     its manifest."""
     d_cfg, hook = cfg.data, cfg.model.hook
     check_hook(model, hook)
-    stream = data.contexts(sources, model.tokenizer, model.bos_id, d_cfg.context_size, d_cfg.data_seed)
+    stream = text.contexts(sources, model.tokenizer, model.bos_id, d_cfg.context_size, d_cfg.data_seed)
     np_dtype, torch_dtype = STORAGE[d_cfg.cache_dtype]
     rng = np.random.default_rng(d_cfg.data_seed)
     held, held_tokens = [], []
@@ -211,7 +211,7 @@ def harvest(cfg: TrainConfig, sources: list[data.TextSource], folder: Path, mode
         writer = _ChunkWriter(tmp, d_cfg.harvest_tokens, model.d_model, np_dtype)
         with tqdm(total=d_cfg.eval_tokens + d_cfg.harvest_tokens, unit="tok", unit_scale=True,
                   desc="harvest", dynamic_ncols=True, mininterval=2.0, disable=not progress) as bar:
-            for tokens in data.batches(stream, d_cfg.harvest_batch):  # (B, T + 1)
+            for tokens in text.batches(stream, d_cfg.harvest_batch):  # (B, T + 1)
                 acts = hook_activations(model, tokens, hook).to("cpu", torch_dtype)  # (B, T + 1, d)
                 if not torch.isfinite(acts).all():
                     raise CacheError(f"activations at {hook} overflow {d_cfg.cache_dtype}; "
@@ -265,7 +265,7 @@ def _build_lock(root: Path) -> Iterator[None]:
 
 def ensure_cache(cfg: TrainConfig, device: torch.device | str = "cpu", progress: bool = True) -> ActivationCache:
     """The cache for ``cfg``: reused when it matches, otherwise (re)built."""
-    sources = data.parse_sources(cfg.data.dataset)
+    sources = text.parse_sources(cfg.data.dataset)
     folder, wanted = cache_folder(cfg), wanted_settings(cfg, sources)
     meta = manifest.read(folder, wanted)  # the verified manifest, or why the cache cannot be used
     if isinstance(meta, str):

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from esosae.config import TrainConfig
-from esosae.data import text as data
+from esosae.data import text
 from esosae.data.models import LoadedModel
 from esosae.run.atomic import atomic_write_text
 from esosae.sae.backend import TORCH, Backend
@@ -98,17 +98,17 @@ def heldout_contexts(cfg: TrainConfig, tokenizer: Any, bos_id: int,
     is a pure function of the data settings, so the same rule gives the same contexts
     without reading (or rebuilding) the activation cache.
     """
-    sources = data.parse_sources(cfg.data.dataset)
-    stream = data.contexts(sources, tokenizer, bos_id, cfg.data.context_size, cfg.data.data_seed)
+    sources = text.parse_sources(cfg.data.dataset)
+    stream = text.contexts(sources, tokenizer, bos_id, cfg.data.context_size, cfg.data.data_seed)
     held, n_held = [], 0
-    for batch in data.batches(stream, cfg.data.harvest_batch):  # (B, T + 1)
+    for batch in text.batches(stream, cfg.data.harvest_batch):  # (B, T + 1)
         for row in batch:
             if n_held >= cfg.data.eval_tokens:
                 return torch.stack(held)
             held.append(row)
             n_held += int(keep(row).sum())
     if not held:
-        raise data.DataError(f"--dataset {cfg.data.dataset!r} holds no context for held-out evaluation")
+        raise text.DataError(f"--dataset {cfg.data.dataset!r} holds no context for held-out evaluation")
     return torch.stack(held)
 
 
@@ -156,7 +156,7 @@ def ce_sums(lm: LoadedModel, tokens: torch.Tensor, hook: str, passes: dict[str, 
             logits = lm.bridge.run_with_hooks(toks, fwd_hooks=hooks)  # (b, T, V)
             sums[name] += _ce_sum(logits, toks, scored)
     if n_scored == 0:
-        raise data.DataError("the held-out contexts hold no text-token predictions to score CE loss on")
+        raise text.DataError("the held-out contexts hold no text-token predictions to score CE loss on")
     return {**sums, "n_scored": n_scored}
 
 
@@ -196,7 +196,7 @@ def ce_loss_recovered(lm: LoadedModel, tokens: torch.Tensor, hook: str,
     base = ce_baselines(lm, tokens, hook, batch, cache)
     sae = ce_sums(lm, tokens, hook, {"sae": reconstruct}, batch, on_clean)
     if sae["n_scored"] != base["n_scored"]:
-        raise data.DataError("cached CE baselines were scored on other positions; delete the ce/ cache")
+        raise text.DataError("cached CE baselines were scored on other positions; delete the ce/ cache")
     ce = {"clean": base["clean"] / base["n_scored"], "zero": base["zero"] / base["n_scored"],
           "sae": sae["sae"] / sae["n_scored"]}
     return {"ce_loss_without_sae": ce["clean"], "ce_loss_with_sae": ce["sae"], "ce_loss_with_ablation": ce["zero"],

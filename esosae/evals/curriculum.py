@@ -35,7 +35,7 @@ import numpy as np
 
 from esosae.config import TrainConfig
 from esosae.errors import UserError
-from esosae.run import layout as rundir
+from esosae.run import layout
 from esosae.sae.model import DualLayerSAE
 
 SETTLE = 0.1
@@ -53,7 +53,7 @@ class CurriculumError(UserError):
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The well-formed lines of ``metrics.jsonl`` (a torn last line from a crash is skipped)."""
     try:
-        records = rundir.read_metrics(path)
+        records = layout.read_metrics(path)
     except OSError as e:
         raise CurriculumError(f"cannot read {path} ({e.strerror or e}); is this a run directory?") from None
     if not records:
