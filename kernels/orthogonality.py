@@ -86,46 +86,77 @@ def _orth_fwd_kernel(
 
 
 @triton.jit(do_not_specialize=["n_cols_tiles"])
-def _orth_bwd_kernel(
+def _orth_grad_tile_kernel(
     # pointers
     w1_ptr,  # (m1, d) W_dec1
     w2_ptr,  # (m2, d) W_dec2
     tiles_ptr,  # (n_sel, 2) int32 tile coordinates (read when HAS_TILES)
     g_out_ptr,  # () fp32 upstream grad of L, read on the device (no host sync)
-    g1_ptr,  # (m1, d) fp32, zeroed: grad_W1 accumulates here (atomics)
-    g2_ptr,  # (m2, d) fp32, zeroed: grad_W2 accumulates here (atomics)
+    g_ptr,  # (n_sel, TILE, TILE) out, the weights' dtype: this program's tile of G
+    live_ptr,  # (n_sel,) int32 out: 1 where the tile has a pair past the margin (G ≠ 0), else 0
     # sizes and scalars
     m1, m2, d, n_cols_tiles, margin, scale,
     # meta-parameters
     TILE: tl.constexpr, BLOCK_K: tl.constexpr, HAS_TILES: tl.constexpr,
-    NEED_W1: tl.constexpr, NEED_W2: tl.constexpr, INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+    INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Recompute one tile of c, form G = grad_L · s · 2·max(0, |c| − ρ)·sign(c), and add
-    G W2[cols] to grad_W1[rows] and Gᵀ W1[rows] to grad_W2[cols], d-chunk by d-chunk.
-    A tile whose pairs all lie within the margin has G = 0 and skips the products."""
+    """Recompute one tile of c and store G = grad_L · s · 2·max(0, |c| − ρ)·sign(c), rounded
+    to the weights' dtype, with a flag saying whether any of it is non-zero. A tile whose
+    pairs all lie within the margin writes only its flag (0); its G is never read."""
     rows, cols, row_ok, col_ok, c, excess = _excess_tile(w1_ptr, w2_ptr, tiles_ptr, m1, m2, d, n_cols_tiles, margin,
                                                          TILE, BLOCK_K, HAS_TILES, INTERP_BF16, PRECISION)
-    if tl.max(tl.max(excess, axis=1), axis=0) > 0:
-        g_out = tl.load(g_out_ptr)
-        G = tl.where(c > 0, 2.0, -2.0) * excess * (scale * g_out)
-        G = round_to(G, w1_ptr.dtype.element_ty, INTERP_BF16)
-        ks = tl.arange(0, BLOCK_K)
-        r_offs = rows.to(tl.int64)[:, None] * d + ks[None, :]  # (TILE, BLOCK_K) into W1
-        c_offs = cols.to(tl.int64)[:, None] * d + ks[None, :]  # (TILE, BLOCK_K) into W2
-        for k0 in range(0, d, BLOCK_K):
-            k_ok = k0 + ks < d
-            r_ok = row_ok[:, None] & k_ok[None, :]
-            c_ok = col_ok[:, None] & k_ok[None, :]
-            if NEED_W1:
-                w2 = tl.load(w2_ptr + c_offs, mask=c_ok, other=0.0)
-                tl.atomic_add(g1_ptr + r_offs, mma(tl.zeros((TILE, BLOCK_K), tl.float32), G, w2, INTERP_BF16, PRECISION),
-                              mask=r_ok, sem="relaxed")
-            if NEED_W2:
-                w1 = tl.load(w1_ptr + r_offs, mask=r_ok, other=0.0)
-                tl.atomic_add(g2_ptr + c_offs, mma(tl.zeros((TILE, BLOCK_K), tl.float32), tl.trans(G), w1, INTERP_BF16,
-                                                   PRECISION), mask=c_ok, sem="relaxed")
-            r_offs += BLOCK_K
-            c_offs += BLOCK_K
+    pid = tl.program_id(0)
+    live = tl.max(tl.max(excess, axis=1), axis=0) > 0
+    tl.store(live_ptr + pid, live.to(tl.int32))
+    if live:
+        G = tl.where(c > 0, 2.0, -2.0) * excess * (scale * tl.load(g_out_ptr))
+        idx = tl.arange(0, TILE)
+        offs = pid.to(tl.int64) * TILE * TILE + idx[:, None] * TILE + idx[None, :]
+        tl.store(g_ptr + offs, round_to(G, g_ptr.dtype.element_ty, INTERP_BF16))
+
+
+@triton.jit
+def _orth_reduce_kernel(
+    # pointers
+    g_ptr,  # (n_sel, TILE, TILE) G tiles from _orth_grad_tile_kernel
+    live_ptr,  # (n_sel,) int32: which G tiles are non-zero
+    tiles_ptr,  # (n_sel, 2) int32 tile coordinates (row tile, column tile)
+    order_ptr,  # (n_sel,) int32: tile indices grouped by this launch's side, ascending within a group
+    seg_ptr,  # (n_out_tiles + 1,) int32: group t spans order[seg[t]:seg[t + 1]]
+    w_ptr,  # (m_other, d) the other decoder
+    out_ptr,  # (m_out, d) out: this decoder's gradient, the weights' dtype
+    # sizes
+    m_out, m_other, d,
+    # meta-parameters
+    SIDE: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr,
+    INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One (TILE, BLOCK_N) block of grad_W1 = G W2 (SIDE 0: rows of tile row t) or
+    grad_W2 = Gᵀ W1 (SIDE 1: rows of tile column t): the sum over the group's live tiles of
+    G_tile (or its transpose) times the other decoder's TILE rows, in ``order``'s fixed
+    order, accumulated in fp32 and written once. A group without live tiles writes zeros."""
+    n_n = tl.cdiv(d, BLOCK_N)
+    pid = tl.program_id(0)
+    t = pid // n_n
+    dcols = (pid % n_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    idx = tl.arange(0, TILE)
+    d_ok = dcols < d
+    acc = tl.zeros((TILE, BLOCK_N), tl.float32)
+    for s in range(tl.load(seg_ptr + t), tl.load(seg_ptr + t + 1)):
+        k = tl.load(order_ptr + s)
+        if tl.load(live_ptr + k) != 0:
+            other = tl.load(tiles_ptr + 2 * k + 1 - SIDE) * TILE + idx  # (TILE,) rows of the other decoder
+            base = g_ptr + k.to(tl.int64) * TILE * TILE
+            if SIDE == 0:
+                G = tl.load(base + idx[:, None] * TILE + idx[None, :])  # (TILE, TILE) G
+            else:
+                G = tl.load(base + idx[None, :] * TILE + idx[:, None])  # (TILE, TILE) Gᵀ
+            w = tl.load(w_ptr + other.to(tl.int64)[:, None] * d + dcols[None, :],
+                        mask=(other < m_other)[:, None] & d_ok[None, :], other=0.0)
+            acc = mma(acc, G, w, INTERP_BF16, PRECISION)
+    rows = t * TILE + idx
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * d + dcols[None, :],
+             round_to(acc, out_ptr.dtype.element_ty, INTERP_BF16), mask=(rows < m_out)[:, None] & d_ok[None, :])
 
 
 def _check_tiles(tiles: torch.Tensor | None, n1: int, n2: int, device: torch.device) -> torch.Tensor | None:
@@ -193,15 +224,56 @@ def orth_forward(W1: torch.Tensor, W2: torch.Tensor, margin: float,
     return part.sum() * _scale(n["m1"], n["m2"], tiles), tiles
 
 
+def _tile_groups(tiles: torch.Tensor | None, n1: int, n2: int,
+                 device: torch.device) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]:
+    """The selected tiles (all of them, row-major, without ``tiles``) and, for each side, the
+    tile indices grouped by row tile (side 0) or column tile (side 1), ascending within a
+    group, with the groups' offsets: (tiles, (order0, seg0), (order1, seg1)). Device-side
+    sorts and binary searches, so no host sync."""
+    if tiles is None:
+        r = torch.arange(n1, dtype=torch.int32, device=device).repeat_interleave(n2)
+        c = torch.arange(n2, dtype=torch.int32, device=device).repeat(n1)
+        tiles = torch.stack([r, c], dim=1)  # (n1·n2, 2)
+    groups = []
+    for side, (n_out, n_other) in enumerate(((n1, n2), (n2, n1))):
+        key = tiles[:, side].long() * n_other + tiles[:, 1 - side]  # group, then position in the group
+        order = torch.argsort(key, stable=True)
+        bounds = torch.arange(n_out + 1, dtype=torch.int64, device=device) * n_other
+        groups.append((order.int(), torch.searchsorted(key[order], bounds).int()))
+    return tiles, groups[0], groups[1]
+
+
+def backward_extra_bytes(m1: int, m2: int, n_sel: int | None, dtype: torch.dtype) -> int:
+    """Memory the backward allocates beyond the two gradients: the G tiles in the weights'
+    dtype (n_sel·ORTH_TILE² values; n_sel = all n1·n2 tiles in exact mode, m1·m2 values
+    rounded up to whole tiles) and int32 bookkeeping (a flag, two orders, the tile list)."""
+    n1, n2 = triton.cdiv(m1, ORTH_TILE), triton.cdiv(m2, ORTH_TILE)
+    n = n1 * n2 if n_sel is None else n_sel
+    return n * ORTH_TILE * ORTH_TILE * dtype.itemsize + 4 * (6 * n + n1 + n2 + 2)
+
+
 @nvtx_range("esosae.orth.bwd")
 def orth_backward(grad_out: torch.Tensor, W1: torch.Tensor, W2: torch.Tensor, margin: float,
                   tiles: torch.Tensor | None, need: tuple[bool, bool]) -> tuple[torch.Tensor | None, ...]:
-    """(grad_W1, grad_W2) in the weights' dtype, None where not needed."""
-    g1 = torch.zeros(W1.shape, dtype=torch.float32, device=W1.device)  # atomics accumulate into zeros
-    g2 = torch.zeros(W2.shape, dtype=torch.float32, device=W2.device)
-    _orth_launch(_orth_bwd_kernel, W1, W2, tiles, grad_out.to(torch.float32).contiguous(), g1, g2,
-                 margin=margin, scale=_scale(W1.shape[0], W2.shape[0], tiles), NEED_W1=need[0], NEED_W2=need[1])
-    return tuple(g.to(W.dtype) if wanted else None for g, W, wanted in ((g1, W1, need[0]), (g2, W2, need[1])))
+    """(grad_W1, grad_W2) in the weights' dtype, None where not needed. Two launches: the
+    G tiles, then per side a fixed-order reduction over each row (column) tile's G tiles."""
+    m1, m2, d = W1.shape[0], W2.shape[0], W1.shape[1]
+    n_sel = _n_selected(m1, m2, tiles)
+    g_tiles = alloc((n_sel, ORTH_TILE, ORTH_TILE), W1.dtype, W1.device)  # only live tiles are written and read
+    live = alloc((n_sel,), torch.int32, W1.device)
+    _orth_launch(_orth_grad_tile_kernel, W1, W2, tiles, grad_out.to(torch.float32).contiguous(), g_tiles, live,
+                 margin=margin, scale=_scale(m1, m2, tiles))
+    all_tiles, *groups = _tile_groups(tiles, triton.cdiv(m1, ORTH_TILE), triton.cdiv(m2, ORTH_TILE), W1.device)
+    cfg = tile_config("orth_reduce", W1.dtype, _orth_reduce_kernel, W1.device, ORTH_TILE, d, ORTH_TILE)
+    grads: list[torch.Tensor | None] = [None, None]
+    for side, (W, other) in enumerate(((W1, W2), (W2, W1))):
+        if need[side]:
+            order, seg = groups[side]
+            grads[side] = alloc(W.shape, W.dtype, W.device)
+            n_prog = triton.cdiv(W.shape[0], ORTH_TILE) * triton.cdiv(d, cfg.BLOCK_N)
+            launch(_orth_reduce_kernel, n_prog, cfg, W.dtype, g_tiles, live, all_tiles, order, seg, other, grads[side],
+                   W.shape[0], other.shape[0], d, SIDE=side, TILE=ORTH_TILE)
+    return tuple(grads)
 
 
 class OrthPenaltyFunction(torch.autograd.Function):
@@ -210,19 +282,23 @@ class OrthPenaltyFunction(torch.autograd.Function):
         G_ij = 2·s·max(0, |c_ij| − ρ)·sign(c_ij)   (0 outside the selected tiles)
         grad_W1 = G W2        grad_W2 = Gᵀ W1       (times the upstream grad of L)
 
-    No m1×m2 buffer ever exists: the forward reduces each tile of c in registers; the
-    backward recomputes each tile of c (flash-attention style), forms its G in registers and
-    multiplies it into both gradients. A tile's contribution spans all d columns, which do
-    not fit in registers for d in the thousands, so it is added d-chunk by d-chunk to fp32
-    gradient buffers with atomics: the summation order varies between runs at the level of
-    fp32 rounding, well inside the tests' tolerance. With ρ > 0 and nearly orthogonal
-    dictionaries most tiles have G = 0 and skip that work.
+    The forward never builds c: it reduces each tile of c in registers. The backward
+    recomputes each selected tile of c (flash-attention style) and stores its G tile in the
+    weights' dtype (the operand precision of the products either way), flagged live or not;
+    then one program per (row tile of W1, d-chunk) sums G·W2 over that row tile's live tiles,
+    and one per (row tile of W2, d-chunk) sums Gᵀ·W1 over its column tile's, each group in
+    ascending tile order. Every gradient element is written once from an fp32 register sum
+    in a fixed order: no atomics, bit-identical across runs and independent of the order of
+    ``tiles``. With ρ > 0 and nearly orthogonal dictionaries most tiles are not live and
+    cost neither the G write nor the products.
 
     Cost: the forward is one c GEMM (2·m1·m2·d FLOPs over the selected tiles); the backward
-    recomputes c and, for tiles with pairs beyond the margin, runs the two gradient products.
-    Memory: two fp32 accumulators of the weights' shapes. With the trainer's fp32 weights they
-    are the gradients themselves; with 16-bit weights they are cast down at the end, so
-    (m1 + m2)·d·4 bytes are extra while the backward runs.
+    recomputes c and runs the two gradient products over the live tiles.
+    Extra memory (``backward_extra_bytes``): the G tiles, n_sel·64²·(2 or 4) bytes. At
+    m1 = m2 = 16,384 (65,536 tiles), d = 2,304 with the default fraction min(1, B/(3·m2)):
+    B = 1,024 → 1,366 tiles, 21 MiB in fp32 and 11 MiB in bf16; B = 4,096 → 5,462 tiles,
+    85 MiB fp32 and 43 MiB bf16. Exact mode (all tiles) holds m1·m2 values: 1 GiB fp32,
+    512 MiB bf16 at that width, which is why the trainer samples tiles at large widths.
     """
 
     @staticmethod

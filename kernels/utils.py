@@ -127,14 +127,18 @@ CONFIGS: dict[tuple[str, str, str], TileConfig] = {
     ("sm_89", "tf32", "fused"): _T(64, 64, 32, 4, 2),
     ("sm_89", "fp32", "gemm"): _T(64, 64, 32, 8, 3),
     ("sm_89", "fp32", "fused"): _T(64, 32, 16, 4, 2),
-    # "orth_fwd" / "orth_bwd": one ORTH_TILE² tile of W1 W2ᵀ per program; BLOCK_K and the
-    # options vary (the backward's two extra products per d-chunk want more warps in fp32).
+    # "orth_fwd" / "orth_bwd": one ORTH_TILE² tile of W1 W2ᵀ per program (the backward's
+    # also forms and stores its G tile); BLOCK_K and the options vary.
     **{(fam, "16", kind): _T(ORTH_TILE, ORTH_TILE, 64, 4 if fam == "sm_90" else 8, 3)
        for fam in ("sm_80", "sm_89", "sm_90") for kind in ("orth_fwd", "orth_bwd")},
     **{(fam, "tf32", kind): _T(ORTH_TILE, ORTH_TILE, 32, 4, 3)
        for fam in ("sm_80", "sm_89", "sm_90") for kind in ("orth_fwd", "orth_bwd")},
-    **{(fam, "fp32", "orth_fwd"): _T(ORTH_TILE, ORTH_TILE, 16, 4, 3) for fam in ("sm_80", "sm_89", "sm_90")},
-    **{(fam, "fp32", "orth_bwd"): _T(ORTH_TILE, ORTH_TILE, 32, 8, 3) for fam in ("sm_80", "sm_89", "sm_90")},
+    **{(fam, "fp32", kind): _T(ORTH_TILE, ORTH_TILE, 16, 4, 3)
+       for fam in ("sm_80", "sm_89", "sm_90") for kind in ("orth_fwd", "orth_bwd")},
+    # "orth_reduce": a (ORTH_TILE, BLOCK_N) block of an orthogonality gradient, reducing
+    # over its group's G tiles one ORTH_TILE-deep product at a time.
+    **{(fam, ops, "orth_reduce"): _T(ORTH_TILE, 128 if ops == "16" else 64, ORTH_TILE, 4 if ops == "16" else 8, 2)
+       for fam in ("sm_80", "sm_89", "sm_90") for ops in ("16", "tf32", "fp32")},
 }
 
 _INTERPRETED = TileConfig(32, 32, 32, 4, 1)

@@ -19,7 +19,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 KERNELS = {"_encode_fwd_kernel", "_encode_bwd_dx_kernel", "_encode_bwd_dw_kernel", "_decode_fwd_kernel",
-           "_decode_bwd_df_kernel", "_decode_bwd_dw_kernel", "_orth_fwd_kernel", "_orth_bwd_kernel"}
+           "_decode_bwd_df_kernel", "_decode_bwd_dw_kernel", "_orth_fwd_kernel", "_orth_grad_tile_kernel",
+           "_orth_reduce_kernel"}
 
 
 @pytest.mark.slow  # about 2 minutes on 2 cores: 120 compilations

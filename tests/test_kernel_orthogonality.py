@@ -135,3 +135,53 @@ def test_orth_bad_tiles_are_a_clear_error(tiles, error, match):
 def test_orth_misuse_is_a_clear_error(args, error, match):
     with pytest.raises(error, match=match):
         orth_penalty(*args())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_orth_backward_is_bit_identical_whatever_the_tile_order(dtype):
+    """The gradients are reduced per row (column) tile in ascending tile order, never in
+    launch order: the same subset listed in another order, or run twice, gives the same bits."""
+    W1, W2 = unit_rows(64, 48).to(dtype), unit_rows(320, 48).to(dtype)  # one row tile meets 5 column tiles
+    tiles = torch.tensor([[0, j] for j in range(5)], dtype=torch.int32, device=DEVICE)
+    shuffled = tiles[torch.randperm(tiles.shape[0], generator=torch.Generator().manual_seed(3))].contiguous()
+    runs = [run(orth_penalty, W1, W2, 0.05, t, dtype) for t in (tiles, tiles, shuffled)]
+    assert runs[0]["grad_W1"].abs().max() > 0 and runs[0]["grad_W2"].abs().max() > 0
+    for other in runs[1:]:
+        assert torch.equal(other["grad_W1"], runs[0]["grad_W1"]) and torch.equal(other["grad_W2"], runs[0]["grad_W2"])
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_orth_backward_extra_memory_is_what_it_allocates(monkeypatch, sampled):
+    """``backward_extra_bytes`` counts what the backward allocates besides the gradients."""
+    from esosae.kernels import orthogonality
+
+    sizes = []
+    real_alloc = orthogonality.alloc
+
+    def counting_alloc(shape, dtype, device):
+        t = real_alloc(shape, dtype, device)
+        sizes.append(t.numel() * t.element_size())
+        return t
+
+    W1, W2 = unit_rows(200, 48).requires_grad_(), unit_rows(130, 48).requires_grad_()
+    tiles = subset(200, 130) if sampled else None
+    loss = orth_penalty(W1, W2, 0.05, tiles)
+    monkeypatch.setattr(orthogonality, "alloc", counting_alloc)
+    loss.backward()
+    grads = W1.numel() * 4 + W2.numel() * 4
+    n_sel = None if tiles is None else tiles.shape[0]
+    extra = orthogonality.backward_extra_bytes(200, 130, n_sel, torch.float32)
+    allocated = sum(sizes) - grads  # the tile orders and group offsets come from torch ops: in the formula only
+    n = 4 * 3 if tiles is None else tiles.shape[0]
+    assert allocated == n * (64 * 64 * 4 + 4)  # G tiles and live flags
+    assert allocated <= extra <= allocated + 4 * (5 * n + 4 + 3 + 2)
+
+
+@pytest.mark.parametrize("batch,dtype", [(1024, torch.float32), (1024, torch.bfloat16), (4096, torch.bfloat16)])
+def test_orth_backward_extra_memory_at_scale_is_under_64_mib(batch, dtype):
+    """m1 = m2 = 16,384, d = 2,304 with the trainer's default tile fraction min(1, B/(3·m2))."""
+    from esosae.kernels import orthogonality
+
+    m = 16_384
+    n_sel = -(-(m // 64) ** 2 * batch // (3 * m))  # ⌈fraction · n_tiles⌉, as sample_tiles draws
+    assert orthogonality.backward_extra_bytes(m, m, n_sel, dtype) < 64 * 2**20

@@ -110,7 +110,7 @@ def test_interp_bf16_flag_only_for_interpreted_bf16():
 
 
 FAMILIES = ("sm_80", "sm_89", "sm_90")
-KINDS = ("gemm", "fused", "orth_fwd", "orth_bwd")
+KINDS = ("gemm", "fused", "orth_fwd", "orth_bwd", "orth_reduce")
 
 
 def test_every_family_has_a_config_for_every_kernel_and_precision():
@@ -120,8 +120,10 @@ def test_every_family_has_a_config_for_every_kernel_and_precision():
         for block in (cfg.BLOCK_M, cfg.BLOCK_N, cfg.BLOCK_K):
             assert block >= 16 and block & (block - 1) == 0  # tl.dot needs powers of two ≥ 16
         assert cfg.num_warps in (4, 8) and 1 <= cfg.num_stages <= 4
-        if kind.startswith("orth"):
+        if kind in ("orth_fwd", "orth_bwd"):
             assert cfg.BLOCK_M == cfg.BLOCK_N == utils.ORTH_TILE  # one program owns one whole tile
+        if kind == "orth_reduce":
+            assert cfg.BLOCK_M == cfg.BLOCK_K == utils.ORTH_TILE  # a tile's rows, one G tile deep
         # the pipeline's operand buffers alone fit the family's shared memory (16-bit or 32-bit elements)
         size = 2 if ops == "16" else 4
         assert cfg.num_stages * (cfg.BLOCK_M + cfg.BLOCK_N) * cfg.BLOCK_K * size <= utils.SHARED_LIMIT[fam]
