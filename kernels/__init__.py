@@ -6,6 +6,9 @@ and are differentiable (torch.autograd.Function):
 - ``encode(x, W_enc, b_enc, b_dec, theta) -> (f, row_l1, fire_count)``  (encoder.py)
 - ``decode(f, W_dec, bias, target) -> (x_hat, sq_err)``                  (decoder.py)
 - ``orth_penalty(W_dec1, W_dec2, margin, tiles=None) -> scalar``         (orthogonality.py)
+
+``sparse.encode`` / ``sparse.decode`` are the same two ops on f's active pairs where f is
+sparse (``pairs.PAIRS_MAX_DENSITY``) and the dense kernels elsewhere: what the trainer runs.
 """
 
 from esosae.kernels.decoder import decode

@@ -139,6 +139,13 @@ CONFIGS: dict[tuple[str, str, str], TileConfig] = {
     # over its group's G tiles one ORTH_TILE-deep product at a time.
     **{(fam, ops, "orth_reduce"): _T(ORTH_TILE, 128 if ops == "16" else 64, ORTH_TILE, 4 if ops == "16" else 8, 2)
        for fam in ("sm_80", "sm_89", "sm_90") for ops in ("16", "tf32", "fp32")},
+    # The pair kernels (sparse.py), gathers on the FMA units: "gather", a (1, BLOCK_N) block
+    # of d reducing over BLOCK_K pairs per step; "pair_dot", BLOCK_M pairs reducing over d
+    # in BLOCK_K chunks. BLOCK_M of "gather" is unused.
+    **{(fam, ops, "gather"): _T(16, 256 if ops == "16" else 128, 16, 4, 2)
+       for fam in ("sm_80", "sm_89", "sm_90") for ops in ("16", "tf32", "fp32")},
+    **{(fam, ops, "pair_dot"): _T(32, 16, 128 if ops == "16" else 64, 4, 2)
+       for fam in ("sm_80", "sm_89", "sm_90") for ops in ("16", "tf32", "fp32")},
 }
 
 _INTERPRETED = TileConfig(32, 32, 32, 4, 1)

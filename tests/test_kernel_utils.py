@@ -110,7 +110,7 @@ def test_interp_bf16_flag_only_for_interpreted_bf16():
 
 
 FAMILIES = ("sm_80", "sm_89", "sm_90")
-KINDS = ("gemm", "fused", "orth_fwd", "orth_bwd", "orth_reduce")
+KINDS = ("gemm", "fused", "orth_fwd", "orth_bwd", "orth_reduce", "gather", "pair_dot")
 
 
 def test_every_family_has_a_config_for_every_kernel_and_precision():

@@ -14,6 +14,8 @@ import torch
 from helpers import DEVICE, assert_close
 
 from esosae import kernels
+from esosae.kernels import sparse
+from esosae.sae import backend
 from esosae.sae.backend import TORCH, BackendError, get_backend
 from esosae.config import DataConfig, SAEConfig, ScheduleConfig, TrainConfig
 from esosae.sae.reference import sample_tiles
@@ -37,7 +39,7 @@ def small_config() -> TrainConfig:
 def test_triton_backend_serves_the_kernels():
     ops = get_backend("triton", DEVICE)
     assert ops.name == "triton"
-    assert (ops.encode, ops.decode, ops.orth_penalty) == (kernels.encode, kernels.decode, kernels.orth_penalty)
+    assert (ops.encode, ops.decode, ops.orth_penalty) == (sparse.encode, sparse.decode, kernels.orth_penalty)
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
@@ -46,7 +48,15 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch)
         get_backend("triton", torch.device("cpu"))
 
 
-def test_dual_layer_forward_and_gradients_match():
+@pytest.fixture(params=["dense", "pairs"])
+def path(request, monkeypatch):
+    """Both paths of the Triton backend: dense kernels throughout, or active pairs after
+    every encoder (the crossover density moved to 0 or 1)."""
+    monkeypatch.setattr(kernels.pairs, "PAIRS_MAX_DENSITY", 0.0 if request.param == "dense" else 1.0)
+    return request.param
+
+
+def test_dual_layer_forward_and_gradients_match(path):
     """The whole forward of DualLayerSAE (both layers, gradients through the residual r and
     the layer-2 target) plus the orthogonality term, on one set of weights."""
     cfg = small_config()
@@ -60,6 +70,8 @@ def test_dual_layer_forward_and_gradients_match():
     for ops in (get_backend("triton", DEVICE), TORCH):
         model.zero_grad(set_to_none=True)
         out = model(x, ops)
+        if ops.name == "triton":
+            assert backend.path(out["f1"]) == backend.path(out["f2"]) == path
         loss = out["sq_err"].mean() + 0.05 * (out["l1_1"].mean() + out["l1_2"].mean())
         loss = loss + ops.orth_penalty(model.W_dec1, model.W_dec2, 0.1, tiles)
         loss.backward()
@@ -75,7 +87,8 @@ def test_dual_layer_forward_and_gradients_match():
         assert_close(grads_t[key], grads_r[key], f"grad {key}")
 
 
-def test_five_training_steps_match_the_torch_backend():
+@pytest.mark.parametrize("path", ["dense", pytest.param("pairs", marks=pytest.mark.slow)], indirect=True)
+def test_five_training_steps_match_the_torch_backend(path):
     cfg = small_config()
     source = make_source(cfg, DEVICE)
     runs = {}

@@ -6,6 +6,10 @@ by the tests). Both backends expose the same three functions with the same signa
 the model and the trainer run one code path whichever is chosen. ``torch`` is
 ``esosae.sae.torch_ops``: the reference's math (``esosae.sae.reference``, the oracle) with the
 work cut to what a sparse SAE needs on the CPU.
+
+Both pick, per encoder call, between dense products and the active (row, feature) pairs
+of f by f's density: the Triton backend's encode/decode are ``esosae.kernels.sparse``'s,
+which run the dense kernels above ``kernels.pairs.PAIRS_MAX_DENSITY``.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ def get_backend(name: str, device: torch.device) -> Backend:
     if device.type != "cuda" and not interpreting():
         raise BackendError("--backend triton needs a CUDA device, or TRITON_INTERPRET=1 to run "
                            "the kernels on the CPU (slow; for tests); use --backend torch")
-    from esosae.kernels import decode, encode, orth_penalty
+    from esosae.kernels import orth_penalty, sparse
     from esosae.kernels.utils import UnsupportedArchError, arch_family
 
     if device.type == "cuda":
@@ -64,4 +68,11 @@ def get_backend(name: str, device: torch.device) -> Backend:
             arch_family(device)
         except UnsupportedArchError as e:
             raise BackendError(str(e)) from None
-    return Backend("triton", encode, decode, orth_penalty)
+    return Backend("triton", sparse.encode, sparse.decode, orth_penalty)
+
+
+def path(f: torch.Tensor) -> str:
+    """Which path an encoder output took to its decoder: ``pairs`` when the encoder found f
+    sparse enough to hand over its active pairs (``kernels.pairs.PAIRS_MAX_DENSITY`` on the
+    Triton backend, ``torch_ops.SPARSE_MAX_DENSITY`` on the torch one), else ``dense``."""
+    return "pairs" if hasattr(f, "_esosae_pairs") or hasattr(f, "_esosae_active") else "dense"

@@ -31,7 +31,7 @@ from esosae.errors import UserError
 from esosae.run.atomic import Interrupted
 from esosae.run.checkpoint import resume_checkpoint, save_checkpoint
 from esosae.run.layout import CONFIG_FILE, METRICS_FILE, SAE_DIR, Claim, truncate_metrics
-from esosae.sae import precision, schedules
+from esosae.sae import backend, precision, schedules
 from esosae.sae.backend import Backend, get_backend, resolve_device
 from esosae.sae.margins import effective_margins, pinned_fractions, update_freq, update_margins
 from esosae.sae.model import DualLayerSAE
@@ -191,6 +191,7 @@ def log_record(model: DualLayerSAE, cfg: TrainConfig, step: int, res: dict[str, 
         low, high = pinned_fractions(getattr(model, f"mu{i}"), cfg.sae)
         rec[f"pinned_min_{i}"], rec[f"pinned_max_{i}"] = low, high
         rec[f"mu_mean_{i}"] = getattr(model, f"mu{i}").mean().item()
+        rec[f"path_{i}"] = backend.path(out[f"f{i}"])  # dense products or active pairs this step
     if model.layers == 2:
         rec["cos_max"], rec["cos_mean"] = cosine_sample(model, step_generator(cfg.seed, step, 2))
     rec["tokens_per_s"] = tokens_per_s
