@@ -38,6 +38,8 @@ ARCHS = (80, 89, 90)
 PRECISIONS = ("bf16", "fp16", "tf32", "fp32")
 SHAPES = {"default": (1024, 576, 1152), "large": (4096, 2304, 16384)}  # B, d, m per layer
 TENSOR_CORE_OP = {80: "HMMA", 89: "HMMA", 90: "HGMMA"}
+GATHERS = {"_row_gather_kernel", "_pair_dot_kernel", "_segment_sum_kernel"}
+"""The pair kernels: memory-bound gathers on the FMA units, no tensor cores expected."""
 
 
 @dataclass
@@ -60,7 +62,7 @@ class Row:
             out.append(f"spills {self.spill_bytes} B")
         if self.shared > self.shared_limit:
             out.append(f"shared {self.shared} B > {self.shared_limit} B")
-        if self.precision != "fp32" and self.tc_ops == 0:
+        if self.precision != "fp32" and self.tc_ops == 0 and self.kernel.split(" ")[0] not in GATHERS:
             out.append("no tensor-core instructions")
         return out
 
@@ -99,12 +101,24 @@ def _cubin_report(cubin: bytes) -> tuple[int, str]:
     return int(re.search(r"\bSHARED:(\d+)", usage).group(1)), sass
 
 
+def active_pairs(B: int, m: int, dtype: object, l0: int = 32) -> object:
+    """``l0`` random active features per row of a (B, m) f, as the pair kernels take them."""
+    import torch
+
+    from esosae.kernels.pairs import Pairs
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.arange(B).repeat_interleave(l0)
+    cols = torch.stack([torch.randperm(m, generator=gen)[:l0].sort().values for _ in range(B)]).view(-1)
+    return Pairs(torch.stack([rows, cols]), torch.empty(B * l0, dtype=dtype), (B, m))
+
+
 def compile_case(arch: int, precision: str, shapes: tuple[str, ...]) -> list[Row]:
     """Run every op forward and backward at each shape under compile_only(arch); one Row
     per distinct compilation, naming the shapes that produced it."""
     import torch
 
-    from esosae.kernels import decoder, encoder, orthogonality
+    from esosae.kernels import decoder, encoder, orthogonality, sparse
     from esosae.kernels.utils import ARCHS as FAMILIES, SHARED_LIMIT, compile_only
     from esosae.sae.reference import sample_tiles
 
@@ -128,6 +142,13 @@ def compile_case(arch: int, precision: str, shapes: tuple[str, ...]) -> list[Row
             for subset in (tiles, None):  # sampled and exact
                 orthogonality.orth_forward(W_dec, W_dec, 0.1, subset)
                 orthogonality.orth_backward(torch.ones(()), W_dec, W_dec, 0.1, subset, (True, True))
+            pairs = active_pairs(B, m, dtype)
+            ga = empty(pairs.nnz, dt=torch.float32)
+            sparse.row_gather(pairs, pairs.vals, W_dec, b_dec, x)  # decoder forward
+            sparse.row_gather(pairs, ga, W_dec)  # grad_x (from W_encᵀ, laid out as W_dec)
+            sparse.pair_dot(pairs, x, W_dec)  # grad_f on the pairs
+            sparse.segment_sum(pairs, pairs.vals, x)  # grad_W_dec
+            sparse.segment_sum(pairs, ga, x, col_sum=True)  # grad_W_encᵀ and grad_b_enc
         launched += [(shape, *launch) for launch in compiled]
     rows: dict[str, Row] = {}
     for shape, kernel, cfg, consts in launched:
@@ -156,7 +177,8 @@ def markdown(rows: list[Row]) -> str:
         "orthogonality kernels with sampled tiles and exact. A compilation that serves several shapes is listed "
         "once, with its shapes. "
         "Registers, spills (stores + loads) and stack frame from `ptxas -v` run as Triton runs it. Tensor-core ops: HGMMA (wgmma) on sm_90, HMMA (mma.sync) on sm_80/sm_89; fp32 is IEEE fp32 on the FMA "
-        "units by design. Shared: bytes per program, limit in brackets.",
+        "units by design, as are the pair kernels (gathers, memory-bound) at every precision. Shared: bytes per program, "
+        "limit in brackets. Pair kernels at L0 32 per row.",
         "",
         f"**{len(rows)} compilations, {len(bad)} failing checks.**",
         "",

@@ -24,6 +24,7 @@ cores, in the totals only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import math
 from dataclasses import dataclass, field
@@ -132,24 +133,68 @@ def optimizer_ops(shape: Shape, decoder_rows: int, ours: bool) -> list[Op]:
 def orth_ops(shape: Shape, s: int, dtype: str) -> list[Op]:
     """At the default tile fraction φ = min(1, B/(3·m2)) (esosae.config), n_sel = ⌈φ·n_tiles⌉
     ORTH_TILE² tiles of c = W_dec1 W_dec2ᵀ. Forward: 2·T²·d·n_sel FLOPs, reads both decoders.
-    Backward: recompute c and the two products G W2, Gᵀ W1 (every tile assumed to hold pairs
-    beyond ρ): 3× the forward's FLOPs; reads both decoders, zero-fills and writes two fp32
-    accumulators; bf16 casts them down (6 B/element); autograd then adds them to the decoder's
+    Backward (every tile assumed to hold pairs beyond ρ): recompute c and store the G tiles
+    (n_sel·T²·s bytes), then per side a fixed-order reduction of the G tiles against the
+    other decoder: 3× the forward's FLOPs; reads both decoders twice and the G tiles twice,
+    writes both gradients in the weights' dtype; autograd then adds them to the decoders'
     grad_W_dec (3·s B/element)."""
     n1, n2 = tile_grid(shape.m1, shape.m2)
     phi = TrainConfig(batch_size=shape.B, sae=SAEConfig(m1=shape.m1, m2=shape.m2)).orth_block_fraction
     n_sel = min(n1 * n2, max(1, math.ceil(phi * n1 * n2)))
     w = (shape.m1 + shape.m2) * shape.d
+    g_tiles = n_sel * ORTH_TILE**2 * s
     fwd = 2.0 * ORTH_TILE**2 * shape.d * n_sel
-    ops = [Op(f"orth fwd (φ = {phi:.3f}, {n_sel} of {n1 * n2} tiles)", fwd, w * s + n_sel * F32, dtype, True),
-           Op("orth bwd (recompute c, G W2, Gᵀ W1)", 3 * fwd, w * s + 2 * w * F32, dtype, True)]
-    if dtype == "bf16":
-        ops.append(elementwise("orth grads fp32→bf16", w, 6.0 * w, "bf16"))
-    ops.append(elementwise("grad_W_dec += orth grads (autograd)", w, 3.0 * w * s, dtype))
+    return [Op(f"orth fwd (φ = {phi:.3f}, {n_sel} of {n1 * n2} tiles)", fwd, w * s + n_sel * F32, dtype, True),
+            Op("orth bwd G tiles (recompute c)", fwd, w * s + g_tiles + n_sel * F32, dtype, True),
+            Op("orth bwd G W2, Gᵀ W1 (fixed-order reductions)", 2 * fwd, 2 * w * s + 2 * g_tiles, dtype, True),
+            elementwise("grad_W_dec += orth grads (autograd)", w, 3.0 * w * s, dtype)]
+
+
+L2_BYTES = 50e6
+"""L2 cache of the H100 SXM and the H200 (50 MB), for the pair kernels' gathers."""
+
+
+def gathered(table: float, touched: float) -> float:
+    """HBM bytes of gathering rows of a ``table``-byte table, ``touched`` bytes in all: every
+    row once (cold misses), and each further touch a miss with the chance that its row has left
+    L2, 1 − L2/table when the table is larger than L2 (0 when it fits): a uniform-reuse model."""
+    first = min(table, touched)
+    return first + (touched - first) * max(0.0, 1.0 - L2_BYTES / table)
+
+
+def pair_ops(name: str, shape: Shape, m: int, s: int, layer: int) -> list[Op]:
+    """The pair path of one layer (kernels/sparse.py) with nnz = B·L0 pairs, each op at the
+    CUDA-core rate (gathers, 2·nnz·d FLOPs) with the bytes of its gathers (``gathered``):
+      pairs         read f (B·m·s), write indices int64 ×2, rows/cols/order int32, values; sort passes
+      decoder fwd   gather W_dec rows; read pairs, bias, target; write x̂, partials
+      G             (B, d) elementwise: grad_x̂ − 2·grad_sq·(target − x̂), and grad_bias
+      grad_f        gather G and W_dec rows per pair; write nnz values
+      grad_W_dec    segment sums by feature: gather G rows; write grad_W_dec (m·d)
+      grad_x        layer 2 only: W_encᵀ copy (m·d), gather its rows; write grad_x
+      grad_W_enc    x − b_dec (B·d); gather its rows; write grad_W_encᵀ, its transpose into W_enc's layout."""
+    B, d = shape.B, shape.d
+    nnz, bd, w = B * shape.l0, B * shape.d * s, d * m * s
+    k = 2.0 * nnz * d
+    ops = [elementwise(f"{name} pairs: nonzero(f), feature sort", 4.0 * nnz, B * m * s + nnz * (28 + s) + 4 * nnz * 8),
+           Op(f"{name} decoder fwd: row gather of W_dec (+squared error)", k,
+              gathered(w, nnz * d * s) + nnz * (8 + s) + 2 * bd + d * s + B * F32, "fp32"),
+           elementwise(f"{name} G = grad_x̂ − 2·grad_sq·(target − x̂), grad_bias", 5.0 * B * d, 4 * bd + B * F32 + d * s),
+           Op(f"{name} grad_f on the pairs (pair dot)", k,
+              gathered(bd, nnz * d * s) + gathered(w, nnz * d * s) + nnz * (8 + s), "fp32"),
+           Op(f"{name} grad_W_dec (segment sums by feature)", k,
+              gathered(bd, nnz * d * s) + nnz * (12 + s) + w, "fp32")]
+    if layer == 2:
+        ops += [elementwise(f"{name} W_encᵀ copy", 0.0, 2.0 * w),
+                Op(f"{name} grad_x: row gather of W_encᵀ (into r)", k,
+                   gathered(w, nnz * d * s) + nnz * 12 + bd, "fp32")]
+    ops += [elementwise(f"{name} x − b_dec", B * d, 2 * bd),
+            Op(f"{name} grad_W_enc (segment sums by feature, +grad_b_enc)", k,
+               gathered(bd, nnz * d * s) + nnz * 16 + w + m * F32, "fp32"),
+            elementwise(f"{name} grad_W_encᵀ → W_enc's layout", 0.0, 2.0 * w)]
     return ops
 
 
-def step_ops(shape: Shape, precision: str = "bf16", sparse: bool = False) -> list[Op]:
+def step_ops(shape: Shape, precision: str = "bf16", path: str = "dense") -> list[Op]:
     """One dual-layer E-SOSAE step (METHOD.md §2–3) as esosae/training/loop.py runs it on CUDA.
 
     Per layer l with width m, input u (x; layer 2: r = x − x̂1), s = operand bytes, T = the
@@ -161,25 +206,27 @@ def step_ops(shape: Shape, precision: str = "bf16", sparse: bool = False) -> lis
                                (layer 2 also grad_target = 2·grad_sq·(r − r̂): its target r needs it)
       grad_x        2·B·m·d   layer 2 only (r = x − x̂1 carries the gradient into layer 1; x needs none)
       grad_W_enc    2·d·B·m   reads u, b_dec, grad_f, f (the mask); writes grad_W_enc, grad_b_enc, partials
-    ``sparse``: the decoder and backward products touch only the B·L0 active pairs, 2·B·L0·d
-    FLOPs each, and f / grad_f move as (value, int32 index) pairs / values at those pairs.
+    ``path = "pairs"``: every op after the encoder forward runs on the B·L0 active pairs
+    (``pair_ops``), as the Triton backend does below ``kernels.pairs.PAIRS_MAX_DENSITY``.
     """
     s, p = OPERAND_BYTES[precision], precision
-    B, d, l0, m_all = shape.B, shape.d, shape.l0, shape.m1 + shape.m2
+    B, d, m_all = shape.B, shape.d, shape.m1 + shape.m2
     T, bd = (128 if s == 2 else 64), B * d * s
     cast_in, cast_out = casts(shape, precision, extra_in=B * d)
     ops, partials = list(cast_in), 0
     for layer, m in ((1, shape.m1), (2, shape.m2)):
         w, g_sq = d * m * s, B * F32  # a weight matrix; grad_sq (B,) fp32
-        f = B * l0 * (s + 4) if sparse else B * m * s  # f as read and written
-        gf = B * l0 * s if sparse else B * m * s  # grad_f
-        k = 2.0 * B * l0 * d if sparse else 2.0 * B * d * m  # FLOPs of each product sparsity can cut
+        f = gf = B * m * s  # f and grad_f as read and written
+        k = 2.0 * B * d * m  # FLOPs of each product
         nt_m, nt_b, nt_d = math.ceil(m / T), math.ceil(B / T), math.ceil(d / T)
         partials += nt_m * (B + d) + nt_b * m + nt_d * B
         name = f"layer {layer}"
-        ops += [product(f"{name} encoder fwd (+bias, threshold, L1, fire)", B, m, d,
-                        bd + w + (m + d) * s + m * F32, f + (nt_m * B + nt_b * m) * F32, p),
-                Op(f"{name} decoder fwd (+squared error)", k, f + w + d * s + 2 * bd + nt_d * B * F32, p, True),
+        ops.append(product(f"{name} encoder fwd (+bias, threshold, L1, fire)", B, m, d,
+                           bd + w + (m + d) * s + m * F32, f + (nt_m * B + nt_b * m) * F32, p))
+        if path == "pairs":
+            ops += pair_ops(name, shape, m, s, layer)
+            continue
+        ops += [Op(f"{name} decoder fwd (+squared error)", k, f + w + d * s + 2 * bd + nt_d * B * F32, p, True),
                 Op(f"{name} decoder bwd grad_f", k, 3 * bd + g_sq + w + gf, p, True),
                 Op(f"{name} decoder bwd grad_W_dec", k, f + 3 * bd + g_sq + w + d * s + (layer - 1) * bd, p, True)]
         if layer == 2:
@@ -192,6 +239,24 @@ def step_ops(shape: Shape, precision: str = "bf16", sparse: bool = False) -> lis
                         (partials + 6 * B) * F32),
             *cast_out, *optimizer_ops(shape, m_all, ours=True),
             elementwise("firing statistics, thresholds θ = τ·clamp(μ)", 8.0 * m_all, 36.0 * m_all)]
+
+
+def pair_time(shape: Shape, dev: Device, precision: str, path: str) -> float:
+    """Seconds of the ops that differ between the dense and the pair path (all but the
+    encoder forward, orthogonality, optimizer and shared elementwise work), both layers."""
+    return sum(op_time(op, dev) for op in step_ops(shape, precision, path)
+               if op.name.startswith("layer") and "encoder fwd" not in op.name)
+
+
+def crossover(shape: Shape, dev: Device, precision: str = "bf16") -> float:
+    """The density L0/m at which the pair path's ops cost what the dense products cost
+    (bisection over L0 in the model)."""
+    lo, hi = 0.0, float(shape.m1)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        at = dataclasses.replace(shape, l0=mid)
+        lo, hi = (mid, hi) if pair_time(at, dev, precision, "pairs") < pair_time(at, dev, precision, "dense") else (lo, mid)
+    return lo / shape.m1
 
 
 def saelens_ops(shape: Shape, precision: str = "bf16", as_coded: bool = True) -> list[Op]:
@@ -266,19 +331,40 @@ def op_table(shape: Shape, dev: Device, build) -> list[str]:
 
 
 def totals_table() -> list[str]:
-    rows = ["| shape | device | precision | ours µs | ours tokens/s | memory-bound share | SAELens core µs "
-            "| SAELens as coded µs | speed-up (core) | speed-up (as coded) | ours sparse-ideal µs | headroom |",
+    rows = ["| shape | device | precision | ours dense µs | ours pairs µs | ours tokens/s (pairs) | memory-bound share "
+            "(pairs) | SAELens core µs | SAELens as coded µs | speed-up pairs (core) | speed-up pairs (as coded) "
+            "| crossover density |",
             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for shape in SHAPES:
         for dev in DEVICES:
             for p in ("bf16", "tf32", "fp32"):
-                ops = step_ops(shape, p)
-                ours, sparse = bound(ops, dev), bound(step_ops(shape, p, sparse=True), dev)
+                dense, ops = bound(step_ops(shape, p), dev), step_ops(shape, p, "pairs")
+                ours = bound(ops, dev)
                 core, coded = bound(saelens_ops(shape, p, False), dev), bound(saelens_ops(shape, p), dev)
                 mem = sum(op_time(o, dev) for o in ops if memory_bound(o, dev)) / ours
-                rows.append(f"| {shape.name} | {dev.name} | {p} | {us(ours)} | {shape.B / ours:,.0f} | "
-                            f"{mem:.0%} | {us(core)} | {us(coded)} | "
-                            f"{core / ours:.2f}× | {coded / ours:.2f}× | {us(sparse)} | {ours / sparse:.2f}× |")
+                rows.append(f"| {shape.name} | {dev.name} | {p} | {us(dense)} | {us(ours)} | {shape.B / ours:,.0f} | "
+                            f"{mem:.0%} | {us(core)} | {us(coded)} | {core / ours:.2f}× | {coded / ours:.2f}× | "
+                            f"{crossover(shape, dev, p):.2%} |")
+    return rows
+
+
+def shares_table(shape: Shape, dev: Device, precision: str = "bf16") -> list[str]:
+    """Where the pair-path step's bound goes, by kind of op."""
+    ops = step_ops(shape, precision, "pairs")
+    kinds = {"encoder forward GEMMs": lambda o: "encoder fwd" in o.name,
+             "pair ops (decoder, backward)": lambda o: o.name.startswith("layer") and "encoder fwd" not in o.name,
+             "orthogonality": lambda o: "orth" in o.name,
+             "optimizer, clipping, casts, decoder-row passes": lambda o: any(
+                 k in o.name for k in ("Adam", "clip", "cast", "parallel", "normalize_decoder")),
+             }
+    total = bound(ops, dev)
+    rows = ["| part | µs | share |", "|---|---:|---:|"]
+    counted = 0.0
+    for kind, test in kinds.items():
+        t = sum(op_time(o, dev) for o in ops if test(o))
+        counted += t
+        rows.append(f"| {kind} | {us(t)} | {t / total:.0%} |")
+    rows.append(f"| the rest (elementwise, statistics) | {us(total - counted)} | {(total - counted) / total:.0%} |")
     return rows
 
 
@@ -299,20 +385,32 @@ def markdown(date: str) -> str:
         "- bf16 (`--dtype bf16`, the CUDA default) = fp32 masters cast to bf16 every step, gradients cast back; "
         "tf32 (`--dtype tf32`) = fp32 operands with `torch.set_float32_matmul_precision('high')`; "
         "fp32 (`--dtype fp32`) = IEEE `tl.dot` on CUDA cores, totals only.",
-        "- Ours: dual-layer E-SOSAE, m1 = m2, L0 = 32 per layer, dense Triton kernels (encoder, decoder, "
+        "- Ours: dual-layer E-SOSAE, m1 = m2, L0 = 32 per layer, Triton kernels (encoder, decoder, "
         "orthogonality at the default tile fraction min(1, B/(3·m2)), every sampled tile beyond ρ).",
         "- SAELens: StandardTrainingSAE (ReLU + L1 on f·‖W_dec‖), width m1 + m2, same batch and precision. "
         "Core = its five products, norms and reductions, clipping, Adam; as coded = plus the input-gradient "
         "product autograd runs for b_dec (apply_b_dec_to_input) and its unfused eager passes "
         f"({SAELENS_EAGER_PASSES} accesses per (B, M) element). Speed-up = SAELens bound / our bound.",
-        "- Sparse-ideal: our decoder and backward products over the B·L0 active pairs only (2·B·L0·d "
-        "FLOPs each, f as value+index pairs); headroom = our bound / sparse-ideal bound.", "",
-        "## Totals", "", *totals_table(), ""]
+        "- Pairs: the Triton backend's pair path (kernels/sparse.py), which it takes while f's density is at "
+        "most `kernels.pairs.PAIRS_MAX_DENSITY`: the encoder forward stays a dense GEMM, every other op of a "
+        "layer is a gather or segment sum over the B·L0 active pairs at the CUDA-core rate, its bytes from "
+        f"a uniform-reuse L2 model ({L2_BYTES / 1e6:g} MB: a gathered table that fits is read once, a larger "
+        "one misses with probability 1 − L2/table). Crossover density = the L0/m at which the pair ops cost "
+        "what the dense products they replace cost, in this model.", "",
+        "## Totals", "", *totals_table(), "",
+        f"Where the pair path's bf16 bound goes at the large shape ({SHAPES[1].l0:g} active features per "
+        "layer), H100 SXM:", "", *shares_table(SHAPES[1], DEVICES[0]), "",
+        "At the large shape the pair path leaves the step bound to the passes over all parameters (Adam "
+        "reads and writes 28 B per parameter, clipping 12, the bf16 casts 12, the decoder-row passes 20 "
+        "per decoder element), which SAELens's step pays too; a ≥ 3× lead over its dense step would need "
+        "those fused into one pass.", ""]
     for shape in SHAPES:
         out += [f"## {shape.name}: d = {shape.d:,}, m1 = m2 = {shape.m1:,}, B = {shape.B:,}, "
                 f"L0 = {shape.l0:g} per layer, P = {shape.params:,} parameters", ""]
         for dev in DEVICES:
-            out += [f"### ours (dual-layer E-SOSAE), {dev.name}", "", *op_table(shape, dev, step_ops), "",
+            out += [f"### ours (dual-layer E-SOSAE), dense path, {dev.name}", "", *op_table(shape, dev, step_ops), "",
+                    f"### ours (dual-layer E-SOSAE), pair path, {dev.name}", "",
+                    *op_table(shape, dev, lambda sh, p: step_ops(sh, p, "pairs")), "",
                     f"### SAELens standard, width {shape.m1 + shape.m2:,}, as coded, {dev.name}", "",
                     *op_table(shape, dev, saelens_ops), ""]
     return "\n".join(out)

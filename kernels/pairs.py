@@ -27,11 +27,12 @@ import torch
 
 PAIRS_MAX_DENSITY = 0.01
 """Largest density nnz(f)/(B·m) at which the Triton backend takes the pair path. From the
-roofline model (``bench/roofline.py``, H100 bf16, d 2,304, m 16,384, B 4,096): the pair
-path's gathers cost less than the dense products' FLOPs up to about this density when the
-gathered tables stay in L2, about a quarter of it when every gather misses. A model figure
-until ``bench/gpu_check.sh`` measures the crossover on a device (it times both paths at
-L0 8, 32, 128 and here)."""
+roofline model (``bench/roofline.py`` → bench/results/roofline.md, a model, not a measurement):
+the pair ops cost what the dense products they replace cost at a density of 1.4% (H100) and
+2.0% (H200) in bf16 at d 2,304, m 16,384, B 4,096 (0.75% / 1.1% in tf32), and at 3.6–4.4%
+in bf16 at the default d 576, m 1,152. 1% stays below the large bf16 figures. To be replaced
+by the crossover ``bench/gpu_check.sh`` measures on a device (it times both paths at L0 8,
+32 and 128 per layer and at this density)."""
 
 
 class Pairs:
@@ -44,17 +45,26 @@ class Pairs:
 
     __slots__ = ("shape", "indices", "rows", "cols", "vals", "row_ptr", "order", "col_ptr", "version")
 
-    def __init__(self, f: torch.Tensor):
-        B, m = f.shape
-        self.shape = (B, m)
-        self.indices = torch.nonzero(f).T.contiguous()  # (2, nnz) row-major; host sync: nnz sizes it
-        self.rows, self.cols = (i.int() for i in self.indices)
-        self.vals = f[self.indices[0], self.indices[1]]  # (nnz,)
+    def __init__(self, indices: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int]):
+        """Pairs at ``indices`` (2, nnz) int64, rows ascending, with values ``vals`` (nnz,)."""
+        B, m = shape
+        self.shape = shape
+        self.indices = indices
+        self.rows, self.cols = (i.int() for i in indices)
+        self.vals = vals
         self.row_ptr = _offsets(self.rows, B)
         order = torch.argsort(self.cols, stable=True)  # (nnz,) by feature, rows ascending within one
         self.order = order.int()
         self.col_ptr = _offsets(self.cols[order], m)
-        self.version = f._version
+        self.version = -1
+
+    @classmethod
+    def of(cls, f: torch.Tensor) -> Pairs:
+        """The pairs where the (B, m) f is non-zero, read on f's device."""
+        indices = torch.nonzero(f).T.contiguous()  # (2, nnz) row-major; host sync: nnz sizes it
+        pairs = cls(indices, f[indices[0], indices[1]], tuple(f.shape))
+        pairs.version = f._version
+        return pairs
 
     @property
     def nnz(self) -> int:

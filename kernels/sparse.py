@@ -193,7 +193,7 @@ def pair_dot(pairs: Pairs, G: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """(nnz,) ⟨G[b], W[j]⟩ on the pairs, in G's dtype."""
     kernel = _pair_dot_kernel
     d = G.shape[1]
-    cfg = tile_config("pair_dot", G.dtype, kernel, G.device, 16, 16, d)
+    cfg = tile_config("pair_dot", G.dtype, kernel, G.device, pairs.nnz, 16, d)
     out = alloc((pairs.nnz,), G.dtype, G.device)
     launch(kernel, triton.cdiv(pairs.nnz, cfg.BLOCK_M), cfg, G.dtype, pairs.rows, pairs.cols, G, W, out, pairs.nnz, d)
     return out
@@ -210,7 +210,7 @@ class PairEncodeFunction(torch.autograd.Function):
     def forward(ctx, x, W_enc, b_enc, b_dec, theta, max_density, box):
         f, row_l1, fire = encoder.encode_forward(x, W_enc, b_enc, b_dec, theta)
         nnz = int(fire.sum(dtype=torch.int64))  # host sync: picks the path and sizes the pairs
-        pairs = Pairs(f) if 0 < nnz and worth_pairs(nnz, f.numel(), max_density) else None
+        pairs = Pairs.of(f) if 0 < nnz and worth_pairs(nnz, f.numel(), max_density) else None
         ctx.pairs = box[0] = pairs
         ctx.save_for_backward(x, W_enc, b_dec, f)
         ctx.mark_non_differentiable(fire)

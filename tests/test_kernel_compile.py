@@ -20,10 +20,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 KERNELS = {"_encode_fwd_kernel", "_encode_bwd_dx_kernel", "_encode_bwd_dw_kernel", "_decode_fwd_kernel",
            "_decode_bwd_df_kernel", "_decode_bwd_dw_kernel", "_orth_fwd_kernel", "_orth_grad_tile_kernel",
-           "_orth_reduce_kernel"}
+           "_orth_reduce_kernel", "_row_gather_kernel", "_pair_dot_kernel", "_segment_sum_kernel"}
+GATHERS = {"_row_gather_kernel", "_pair_dot_kernel", "_segment_sum_kernel"}  # no tensor cores expected
 
 
-@pytest.mark.slow  # about 2 minutes on 2 cores: 120 compilations
+@pytest.mark.slow  # about 3 minutes on 2 cores: 204 compilations
 def test_every_kernel_compiles_without_spills_within_shared_memory_on_tensor_cores(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"), TRITON_DEFAULT_FP_FUSION="1")
@@ -39,7 +40,7 @@ def test_every_kernel_compiles_without_spills_within_shared_memory_on_tensor_cor
         assert int(spills) == 0 and int(regs) <= 255, (arch, precision, kernel)
         used, limit = (int(v.replace(",", "")) for v in re.match(r"([\d,]+) \(([\d,]+)\)", shared).groups())
         assert used <= limit, (arch, precision, kernel, shared)
-        if precision != "fp32":
+        if precision != "fp32" and name not in GATHERS:
             assert int(tc_ops.strip(" |")) > 0, (arch, precision, kernel)
         assert set(shapes.split(", ")) <= {"default", "large"}
     assert set(seen) == {(a, p) for a in ("sm_80", "sm_89", "sm_90") for p in ("bf16", "fp16", "tf32", "fp32")}

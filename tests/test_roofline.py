@@ -1,5 +1,6 @@
 """bench/roofline.py, the roofline MODEL: its arithmetic against hand formulas, and its report."""
 
+import dataclasses
 import datetime
 import importlib.util
 import math
@@ -95,8 +96,9 @@ def test_our_products_follow_the_code():
     assert len(layer_products) == 11 and all(op.flops == 2 * B * d * m for op in layer_products)
     n_tiles = math.ceil(m / 64) ** 2
     n_sel = math.ceil(min(1, B / (3 * m)) * n_tiles)
-    fwd, bwd = by_name(ops, "orth fwd"), by_name(ops, "orth bwd")
-    assert fwd.flops == 2 * 64 * 64 * d * n_sel and bwd.flops == 3 * fwd.flops
+    fwd, tiles, reduce = by_name(ops, "orth fwd"), by_name(ops, "orth bwd G tiles"), by_name(ops, "orth bwd G W2")
+    assert fwd.flops == tiles.flops == 2 * 64 * 64 * d * n_sel and reduce.flops == 2 * fwd.flops
+    assert tiles.bytes - fwd.bytes == n_sel * 64 * 64 * 2  # the G tiles, in bf16
 
 
 def test_saelens_step_has_no_grad_x():
@@ -112,22 +114,37 @@ def test_saelens_step_has_no_grad_x():
 def test_precisions_casts_and_optimizer():
     bf16, tf32 = rl.step_ops(DEFAULT, "bf16"), rl.step_ops(DEFAULT, "tf32")
     assert {op.name for op in bf16} - {op.name for op in tf32} == {
-        "cast fp32→bf16: weights and x", "cast bf16→fp32: gradients", "orth grads fp32→bf16"}
+        "cast fp32→bf16: weights and x", "cast bf16→fp32: gradients"}
     assert by_name(bf16, "Adam").bytes == by_name(tf32, "Adam").bytes
     assert by_name(bf16, "layer 1 decoder bwd grad_f").flops == by_name(tf32, "layer 1 decoder bwd grad_f").flops
     assert rl.bound(bf16, H100) < rl.bound(tf32, H100) < rl.bound(rl.step_ops(DEFAULT, "fp32"), H100)
 
 
-def test_sparse_ideal_cuts_only_the_decoder_and_backward_products():
-    B, d, l0 = LARGE.B, LARGE.d, LARGE.l0
-    dense, sparse = rl.step_ops(LARGE, "bf16"), rl.step_ops(LARGE, "bf16", sparse=True)
-    for a, b in zip(dense, sparse):
-        assert a.name == b.name
-        if a.matmul and a.name.startswith("layer") and "encoder fwd" not in a.name:
-            assert b.flops == 2 * B * l0 * d < a.flops
-        else:
-            assert b.flops == a.flops
-    assert rl.bound(sparse, H100) < rl.bound(dense, H100)
+def test_pair_path_replaces_only_the_ops_after_the_encoder_forward():
+    dense, pairs = rl.step_ops(LARGE, "bf16"), rl.step_ops(LARGE, "bf16", "pairs")
+    same = [op for op in dense if not op.name.startswith("layer") or "encoder fwd" in op.name]
+    assert [op for op in pairs if not op.name.startswith("layer") or "encoder fwd" in op.name] == same
+    gathers = [op for op in pairs if op.name.startswith("layer") and op.flops == 2 * LARGE.B * LARGE.l0 * LARGE.d]
+    assert len(gathers) == 9 and not any(op.matmul for op in gathers)  # 4 per layer, + grad_x in layer 2
+    assert rl.bound(pairs, H100) < rl.bound(dense, H100)
+
+
+def test_gathered_bytes_model():
+    L2 = rl.L2_BYTES
+    assert rl.gathered(L2 / 2, 10 * L2) == L2 / 2  # fits in L2: read once
+    assert rl.gathered(2 * L2, L2) == L2  # touched less than the table: cold misses only
+    assert rl.gathered(2 * L2, 10 * L2) == 2 * L2 + 8 * L2 * 0.5  # then misses with probability 1 − L2/table
+
+
+@pytest.mark.parametrize("dev", [H100, H200], ids=["H100", "H200"])
+def test_crossover_is_where_the_two_paths_cost_the_same(dev):
+    rho = rl.crossover(LARGE, dev)
+    assert 0 < rho < 0.1
+    at = dataclasses.replace(LARGE, l0=rho * LARGE.m1)
+    dense, pairs = rl.pair_time(at, dev, "bf16", "dense"), rl.pair_time(at, dev, "bf16", "pairs")
+    assert pairs == pytest.approx(dense, rel=1e-6)
+    below = dataclasses.replace(LARGE, l0=0.5 * rho * LARGE.m1)
+    assert rl.pair_time(below, dev, "bf16", "pairs") < rl.pair_time(below, dev, "bf16", "dense")
 
 
 def test_main_writes_the_markdown_with_the_speed_up(tmp_path, capsys):
@@ -138,8 +155,8 @@ def test_main_writes_the_markdown_with_the_speed_up(tmp_path, capsys):
     for name in ("H100 SXM", "H200", "## default", "## large"):
         assert name in text
     core, coded = rl.saelens_ops(DEFAULT, "bf16", as_coded=False), rl.saelens_ops(DEFAULT, "bf16")
-    ours = rl.bound(rl.step_ops(DEFAULT, "bf16"), H200)
+    dense, ours = rl.bound(rl.step_ops(DEFAULT, "bf16"), H200), rl.bound(rl.step_ops(DEFAULT, "bf16", "pairs"), H200)
     row = next(line for line in text.splitlines() if line.startswith("| default | H200 | bf16 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[3] == f"{ours * 1e6:,.1f}"
-    assert cells[8] == f"{rl.bound(core, H200) / ours:.2f}×" and cells[9] == f"{rl.bound(coded, H200) / ours:.2f}×"
+    assert cells[3] == f"{dense * 1e6:,.1f}" and cells[4] == f"{ours * 1e6:,.1f}"
+    assert cells[9] == f"{rl.bound(core, H200) / ours:.2f}×" and cells[10] == f"{rl.bound(coded, H200) / ours:.2f}×"
