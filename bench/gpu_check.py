@@ -9,6 +9,9 @@ bf16 (bf16 operands) and tf32 (fp32 operands under torch.set_float32_matmul_prec
     orth fwd, fwd+bwd       every 64² tile of W_dec1 W_dec2ᵀ (m × m over d) at ρ = 0: nothing skipped
     orth sampled fwd+bwd    the trainer's tiles (its default fraction min(1, B/(3m))) at ρ = 0.1
     train step              esosae.training.loop.train_step, dual layer m + m, TrainConfig.dtype = the precision
+    pairs vs dense          large shape only: the encoder → decoder chain fwd+bwd at L0 8, 32, 128 per
+                            row and at the crossover density, on the pair path (``ours``) and on the
+                            dense kernels (``ours-dense``)
 
 Providers: ``ours`` (esosae.kernels, the triton backend), ``eager`` (esosae.sae.reference, the
 float64 oracle's code run in the case's precision), ``compile`` and ``max-autotune``
@@ -47,7 +50,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
+import functools
 import gc
 import importlib
 import json
@@ -89,7 +94,7 @@ class Shape:
 GPU_SHAPES = (Shape(4096, 2304, 16384), Shape(1024, 576, 1152))
 DRY_SHAPES = (Shape(32, 32, 128), Shape(21, 16, 128))  # 2 × 2 orthogonality tiles, one of them sampled
 ORTH_MARGIN = 0.1  # ρ of the sampled case (the trainer's default)
-PRIOR_S = {"ours": 15.0, "eager": 15.0, "checks": 20.0, "saelens": 20.0, "compile": 45.0, "max-autotune": 120.0}
+PRIOR_S = {"ours": 15.0, "ours-dense": 15.0, "eager": 15.0, "checks": 20.0, "saelens": 20.0, "compile": 45.0, "max-autotune": 120.0}
 """Seconds a case of each kind is assumed to take until one has been measured (GPU runs)."""
 DENSE_OPS = ("encoder fwd", "encoder fwd+bwd", "decoder fwd", "decoder fwd+bwd", "orth fwd", "orth fwd+bwd")
 
@@ -280,6 +285,40 @@ def op_cases(shape: Shape, precision: str) -> list[Case]:
         case(f"orth sampled fwd+bwd (ρ={ORTH_MARGIN}, {frac:.3f} of tiles)", 6 * m * m * d * frac, orth_gemm,
              lambda ops, dt: orth.run(ops.orth_penalty, W1, W2, ORTH_MARGIN, tiles, dt)),
     ]
+
+
+PAIR_L0 = (8, 32, 128)
+"""Active features per row at which the pair path is timed against the dense kernels (and
+at the crossover density, ``kernels.pairs.PAIRS_MAX_DENSITY``)."""
+
+
+def pair_cases(shape: Shape, precision: str) -> list[Case]:
+    """The encoder → decoder chain forward and backward (tests/test_kernel_pairs.py's ``run``:
+    every gradient, the decoder's target the encoder's input) with b_enc set per feature from
+    the batch's quantiles so that each row fires L0 features on average (θ = 0). Provider
+    ``ours`` is held on the pair path, ``ours-dense`` on the dense kernels."""
+    import test_kernel_pairs as tp
+
+    from esosae.kernels.pairs import PAIRS_MAX_DENSITY
+    from esosae.sae.precision import operand_dtype
+
+    B, d, m = shape.B, shape.d, shape.m
+    dtype = operand_dtype(precision)
+    W_dec = torch.nn.functional.normalize(torch.randn(m, d, device=tp.DEVICE), dim=1)
+    base = {"x": torch.randn(B, d, device=tp.DEVICE), "W_dec": W_dec, "W_enc": W_dec.T.contiguous(),
+            "b_dec": torch.zeros(d, device=tp.DEVICE), "bias": torch.zeros(d, device=tp.DEVICE),
+            "theta": torch.zeros(m, device=tp.DEVICE), "g_xh": torch.randn(B, d, device=tp.DEVICE),
+            "g_sq": torch.randn(B, device=tp.DEVICE), "g_l1": torch.randn(B, device=tp.DEVICE)}
+    pre = base["x"] @ base["W_enc"]  # (B, m) pre-activations before b_enc
+    cases = []
+    for l0 in [*(n for n in PAIR_L0 if n < m // 2), PAIRS_MAX_DENSITY * m]:
+        inp = dict(base, b_enc=-pre.kthvalue(max(1, round((1 - l0 / m) * B)), dim=0).values)
+        inp = {k: v.to(dtype) if k in tp.PARAMS else v for k, v in inp.items()}
+        label = f"L0={l0:g}" + (" (crossover)" if l0 not in PAIR_L0 else "")
+        cases.append(Case(f"pairs vs dense: encoder→decoder fwd+bwd {label}", shape, precision, 12 * B * d * m,
+                          (B, m, d), lambda ops, inp=inp: lambda: tp.run(ops.encode, ops.decode, inp, dtype)[0]))
+    del pre
+    return cases
 
 
 def step_config(shape: Shape, precision: str, device: torch.device) -> Any:
@@ -545,10 +584,23 @@ def targets(rows: list[dict[str, Any]], large: Shape) -> list[dict[str, Any]]:
         if at.get((op, "eager")):
             speedup = at[(op, "eager")]["ms"] / ours(op)["ms"]
             add(3, f"{op}: speed-up over eager", speedup, ">= 2", speedup >= 2)
+        if ours("train step"):
+            share = 100 * ours(op)["ms"] / ours("train step")["ms"]
+            add(15, f"{op}: % of the train step", share, "<= 15", share <= 15)
+    for provider, goal in (("saelens", 3.0), ("max-autotune", 1.5)):
+        if ours("train step") and at.get(("train step", provider)):
+            speedup = at[("train step", provider)]["ms"] / ours("train step")["ms"]
+            add(15, f"train step: speed-up over {provider}", speedup, f">= {goal}", speedup >= goal)
+    for op in [op for op, provider in at if op.startswith("pairs vs dense") and provider == "ours"]:
+        if at.get((op, "ours-dense")):
+            speedup = at[(op, "ours-dense")]["ms"] / ours(op)["ms"]
+            at_crossover = "crossover" in op
+            add(15, f"{op}: dense time / pairs time", speedup, "≈ 1 (crossover)" if at_crossover else "> 1",
+                None if at_crossover else speedup > 1)
     return out
 
 
-PROVIDERS = ("ours", "eager", "compile", "max-autotune", "saelens")
+PROVIDERS = ("ours", "ours-dense", "eager", "compile", "max-autotune", "saelens")
 
 
 def _cell(row: dict[str, Any] | None) -> str:
@@ -722,6 +774,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ours = get_backend("triton", device)
     eager = Backend("eager", reference.encode, reference.decode, reference.orth_penalty)
+    pairs_path, dense_path = (dataclasses.replace(ours, name=name, encode=functools.partial(ours.encode, max_density=r))
+                              for name, r in (("triton", 1.0), ("triton", 0.0)))
     combos = [(p, s) for p in PRECISIONS for s in shapes]  # bf16 first, large shape first
     cases: dict[tuple[str, Shape], list[Case]] = {}
     for precision, shape in combos:  # 1: ours, eager, cuBLAS, checks, determinism, SAELens
@@ -752,6 +806,14 @@ def main(argv: list[str] | None = None) -> int:
             record(bench, Case(step.op, shape, precision, 2 * shape.B * shape.d * width * 5,
                                (shape.B, width, shape.d), saelens), "saelens", None)
         del x
+        if shape == shapes[0]:  # the pair path against the dense kernels, at the large shape
+            print(f"[{bench.elapsed():5.0f} s] {precision} {shape.name}: pairs vs dense", flush=True)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                for case in pair_cases(shape, precision):
+                    for name, ops in (("ours", pairs_path), ("ours-dense", dense_path)):
+                        record(bench, case, name, ops)
+                    save()
         collect_kernels(bench)
         save()
         gc.collect()

@@ -12,7 +12,10 @@ initialization); the penalty with the default tile fraction min(1, B/(3·m)) and
 
 Each benchmark records ``flops``, the dense-equivalent count of its math (the same for every
 provider; see ``FLOPS``), and ``gflop_per_s`` = flops / median time: above the machine's GEMM
-rate means work was skipped, not done faster. CUDA timings synchronize inside the timed call.
+rate means work was skipped, not done faster. Encoder and decoder also record the path
+taken (``dense`` or ``pairs``), the active pairs, and the FLOPs and gathered bytes of that
+path (``work``), which scale with the pairs, not with B·m·d. CUDA timings synchronize inside
+the timed call.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import pytest
 import torch
 
 from esosae.sae import reference
-from esosae.sae.backend import TORCH
+from esosae.sae.backend import TORCH, get_backend, path
 from esosae.sae.reference import sample_tiles
 
 SIZES = {"cpu": (576, 4608, 1024), "cuda": (2304, 16384, 4096)}  # (d, m, B)
@@ -42,9 +45,7 @@ def ops_for(provider: str):
         return reference
     if provider == "torch":
         return TORCH
-    from esosae import kernels
-
-    return kernels
+    return get_backend("triton", torch.device("cuda"))  # what the trainer runs: dense or pairs by density
 
 
 def FLOPS(op: str, mode: str, d: int, m: int, B: int, fraction: float = 1.0) -> float:
@@ -53,6 +54,22 @@ def FLOPS(op: str, mode: str, d: int, m: int, B: int, fraction: float = 1.0) -> 
     sampled fraction of its tiles."""
     gemm = 2.0 * (m * m * d * fraction if op == "orth" else B * d * m)
     return gemm * (3 if mode == "fwd+bwd" else 1)
+
+
+def work(op: str, mode: str, path: str, d: int, m: int, B: int, nnz: int, size: int) -> dict[str, float]:
+    """FLOPs and gathered bytes of the path actually taken (``esosae.sae.backend.path``): the
+    dense path's products are 2·B·d·m each; on the pair path every product but the encoder
+    forward is 2·nnz·d FLOPs over gathered rows of d elements (nnz·d·size bytes each). Encode
+    backward: grad_x and grad_W_enc; decode: forward, grad_f (two gathers) and grad_W_dec."""
+    dense = 2.0 * B * d * m
+    pair, rows = 2.0 * nnz * d, float(nnz) * d * size
+    products = {("encode", "fwd"): 0, ("encode", "fwd+bwd"): 2, ("decode", "fwd"): 1, ("decode", "fwd+bwd"): 3}
+    n = products[op, mode]
+    fixed = dense if op == "encode" else 0.0  # the encoder forward is dense on both paths
+    if path == "dense":
+        return {"work_flops": fixed + n * dense, "gathered_bytes": 0.0}
+    gathers = {("encode", "fwd"): 0, ("encode", "fwd+bwd"): 2, ("decode", "fwd"): 1, ("decode", "fwd+bwd"): 4}
+    return {"work_flops": fixed + n * pair, "gathered_bytes": gathers[op, mode] * rows}
 
 
 def sync(device: str):
@@ -111,8 +128,10 @@ def test_encode(benchmark, report, machine_info, device, provider, sparsity, mod
         return f
 
     f = benchmark.pedantic(run, rounds=ROUNDS[device], warmup_rounds=1)
+    nnz, taken = int((f != 0).sum()), path(f)
     record(benchmark, report, machine_info, provider, FLOPS("encode", mode, d, m, B),
-           l0=(f > 0).sum(1).float().mean().item(), size=f"d={d} m={m} B={B}")
+           l0=nnz / B, size=f"d={d} m={m} B={B}", path=taken, pairs=nnz,
+           **work("encode", mode, taken, d, m, B, nnz, f.element_size()))
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
@@ -135,8 +154,10 @@ def test_decode(benchmark, report, machine_info, device, provider, sparsity, mod
         done()
 
     benchmark.pedantic(run, rounds=ROUNDS[device], warmup_rounds=1)
+    nnz, taken = int((f != 0).sum()), path(f)
     record(benchmark, report, machine_info, provider, FLOPS("decode", mode, d, m, B),
-           l0=(f > 0).sum(1).float().mean().item(), size=f"d={d} m={m} B={B}")
+           l0=nnz / B, size=f"d={d} m={m} B={B}", path=taken, pairs=nnz,
+           **work("decode", mode, taken, d, m, B, nnz, f.element_size()))
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])

@@ -45,6 +45,11 @@ def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path):
     assert result["dry_run"] is True and result["env"]["device"] == "cpu (dry run)"
     assert {"driver", "cuda", "torch", "triton", "date", "capability"} <= result["env"].keys()
     assert len(result["shapes"]) == 2 and result["precisions"] == ["bf16", "tf32"]
+    pair_rows = [r for r in result["rows"] if r["op"].startswith("pairs vs dense")]
+    assert {r["shape"] for r in pair_rows} == {result["shapes"][0]}  # the large shape only
+    assert {(r["op"].split(": ")[1], r["precision"], r["provider"]) for r in pair_rows} == {
+        (f"encoder→decoder fwd+bwd {label}", p, provider) for label in ("L0=8", "L0=32", "L0=1.28 (crossover)")
+        for p in ("bf16", "tf32") for provider in ("ours", "ours-dense")}  # m = 128: L0 128 is half of it
     providers: dict[tuple[str, str, str], set[str]] = {}
     for row in result["rows"]:
         key = (op_kind(row["op"]), row["shape"], row["precision"])
@@ -56,8 +61,10 @@ def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path):
         assert 0 < row["ms_q20"] <= row["ms"] <= row["ms_q80"] and math.isfinite(row["ms_q80"])
         assert row["tflops"] > 0 and row["pct_of_cublas"] > 0 and row["first_call_s"] > 0
         assert row["peak_mib"] is None and row["cublas"] in result["cublas_tflops"]  # no CUDA memory stats
-    assert {k[0] for k in providers} == OPS and len(providers) == len(OPS) * 2 * 2
+    assert {k[0] for k in providers} - {op_kind(r["op"]) for r in pair_rows} == OPS
     for (op, _, _), names in providers.items():
+        if op.startswith("pairs vs dense"):
+            continue
         assert names == set(TIMED) | ({"saelens"} if op == "train step" else set()), (op, names)
     checked = {(op_kind(c["case"].split(" d=")[0])) for c in result["checks"]}
     assert checked == {"encoder fwd+bwd", "decoder fwd+bwd", "orth fwd+bwd", "orth sampled fwd+bwd"}
@@ -68,7 +75,9 @@ def test_gpu_check_dry_run_writes_json_and_markdown(tmp_path):
     assert len(result["determinism"]) == 5 * 2 * 2
     assert all(d["differing"] == [] for d in result["determinism"])  # the interpreter runs in one order
     assert result["kernels"] == []  # interpreted: nothing compiled
-    assert {t["issue"] for t in result["targets"]} == {3, 12}
+    assert {t["issue"] for t in result["targets"]} == {3, 12, 15}
+    pair_targets = [t for t in result["targets"] if t["target"].startswith("pairs vs dense")]
+    assert len(pair_targets) == 3 and [t["met"] for t in pair_targets].count(None) == 1  # the crossover: no goal
     assert {t["target"] for t in result["targets"]} >= {"encoder fwd: % of cuBLAS",
                                                          "encoder fwd+bwd: speed-up over compile"}
     md = out.with_suffix(".md").read_text()
@@ -82,7 +91,8 @@ def test_gpu_check_out_of_budget_skips_every_case_with_a_note(gpu_check, tmp_pat
     assert gpu_check.main(["--dry-run", "--budget-s", "0", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     timed = [r for r in result["rows"] if r["provider"] != "saelens"]
-    assert len(timed) == len(OPS) * 2 * 2 * len(TIMED)
+    pairs = 3 * 2 * 2  # three densities × two precisions × ours and ours-dense, large shape only
+    assert len(timed) == len(OPS) * 2 * 2 * len(TIMED) + pairs
     assert all(r["skipped"].startswith("time budget:") for r in timed)
     assert result["checks"] == [] and result["determinism"] == [] and result["targets"] == []
     assert sum("checks skipped (time budget" in n for n in result["notes"]) == 5 * 2 * 2
