@@ -467,6 +467,8 @@ class TrainConfig:
     """Device: 'auto' (cuda when present), 'cpu' or 'cuda'."""
     dtype: Dtype = "auto"
     """Product precision: 'auto' (bf16 on CUDA, fp32 on the CPU), 'bf16', 'fp16', 'tf32' or 'fp32'; weights stay fp32."""
+    pairs_max_density: Fraction = 0.01
+    """Triton backend: the largest density of f at which the step runs on its active pairs (0: always dense, no host sync)."""
     eval: bool = True
     """Run the evaluations when training ends."""
     profile: Profile = "none"

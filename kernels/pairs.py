@@ -95,6 +95,6 @@ def attached(f: torch.Tensor) -> Pairs | None:
     return pairs if pairs is not None and pairs.version == f._version else None
 
 
-def worth_pairs(nnz: int, numel: int, max_density: float | None = None) -> bool:
-    """Whether ``nnz`` non-zeros out of ``numel`` take the pair path."""
-    return nnz <= (PAIRS_MAX_DENSITY if max_density is None else max_density) * numel
+def density_limit(max_density: float | None) -> float:
+    """The pair path's density limit: ``max_density``, or ``PAIRS_MAX_DENSITY`` when None."""
+    return PAIRS_MAX_DENSITY if max_density is None else max_density

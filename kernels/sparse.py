@@ -37,7 +37,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from esosae.kernels import decoder, encoder
-from esosae.kernels.pairs import Pairs, attached, worth_pairs
+from esosae.kernels.pairs import Pairs, attached, density_limit
 from esosae.kernels.utils import alloc, check_inputs, launch, nvtx_range, round_to, tile_config
 
 
@@ -209,8 +209,10 @@ class PairEncodeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, theta, max_density, box):
         f, row_l1, fire = encoder.encode_forward(x, W_enc, b_enc, b_dec, theta)
-        nnz = int(fire.sum(dtype=torch.int64))  # host sync: picks the path and sizes the pairs
-        pairs = Pairs.of(f) if 0 < nnz and worth_pairs(nnz, f.numel(), max_density) else None
+        pairs, limit = None, density_limit(max_density)
+        if limit > 0:  # else always dense: no count, no sync
+            nnz = int(fire.sum(dtype=torch.int64))  # host sync: picks the path and sizes the pairs
+            pairs = Pairs.of(f) if 0 < nnz <= limit * f.numel() else None
         ctx.pairs = box[0] = pairs
         ctx.save_for_backward(x, W_enc, b_dec, f)
         ctx.mark_non_differentiable(fire)

@@ -139,10 +139,11 @@ def test_orth_penalty_compiled_mid_shape(name, margin, sampled):
 
 @pytest.mark.parametrize("dtype", ["bf16", "tf32"])
 def test_training_step_never_syncs_host_and_device(dtype):
-    """The trainer's step (thresholds, forward, loss, backward, clip, Adam, constraints, firing
-    statistics, the sampled orthogonality tiles) issues no host-device synchronization:
-    CUDA's sync debug mode turns any into an error. Logging steps sync on purpose and are
-    not run here."""
+    """The trainer's step on the dense kernels (thresholds, forward, loss, backward, clip,
+    Adam, constraints, firing statistics, the sampled orthogonality tiles) issues no
+    host-device synchronization: CUDA's sync debug mode turns any into an error. Logging
+    steps sync on purpose and are not run here; so does the pair path (one count per layer to
+    size the pairs), which ``pairs_max_density = 0`` turns off."""
     from esosae.sae.backend import get_backend
     from esosae.config import DataConfig, ScheduleConfig
     from esosae.training.loop import build, make_source, train_step
@@ -151,11 +152,11 @@ def test_training_step_never_syncs_host_and_device(dtype):
                                       eval_tokens=256),
                       sae=SAEConfig(m1=256, m2=256, target_l0=4, orth_block_fraction=0.5),
                       schedule=ScheduleConfig(gamma_warmup="none"), steps=20, batch_size=512, dtype=dtype,
-                      backend="triton", device="cuda")
+                      backend="triton", device="cuda", pairs_max_density=0.0)
     device = torch.device("cuda")
     source = make_source(cfg, device)
     model, opt = build(cfg, source, device)
-    ops = get_backend("triton", device)
+    ops = get_backend("triton", device, cfg.pairs_max_density)
     batches = [source.batch(step, cfg.batch_size).to(device) * model.scale for step in range(3)]
     train_step(model, opt, ops, batches[0], cfg, 10)  # first call: compiles and initializes Adam's state
     torch.cuda.synchronize()
@@ -166,3 +167,30 @@ def test_training_step_never_syncs_host_and_device(dtype):
             assert res["gamma"] > 0  # the orthogonality term with its tile copy is in the step
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16"])
+@pytest.mark.parametrize("B", BATCHES)
+def test_pair_path_compiled_mid_shape(B, name):
+    """The encoder → decoder chain on the pair path (tests/test_kernel_pairs.py's inputs and
+    runner) at the default run's d and m, against the float64 reference, and bit-identical
+    when run twice: the pair kernels reduce in a fixed order, without atomics."""
+    import test_kernel_pairs as pairs
+
+    with precision(name) as dtype:
+        inp = pairs.chain_inputs(B, D, M, dtype, "jump")
+        out, f = pairs.run(*pairs.pair_ops(), inp, dtype)
+        again, _ = pairs.run(*pairs.pair_ops(), inp, dtype)
+        ref, _ = pairs.run(reference.encode, reference.decode, inp, F64)
+        low, _ = pairs.run(reference.encode, reference.decode, inp, dtype)
+    assert pairs.attached(f) is not None
+    assert_matches(out, ref, low, name)
+    assert all(torch.equal(out[k], again[k]) for k in out)
+
+
+def test_orth_backward_compiled_is_bit_identical_across_runs():
+    """Sampled tiles, bf16: two backward passes give the same bits (no atomics)."""
+    with precision("bf16") as dtype:
+        W1, W2 = orth.unit_rows(M, D).to(dtype), orth.unit_rows(M, D).to(dtype)
+        first, second = (orth.run(orth_penalty, W1, W2, 0.0, default_tiles(), dtype) for _ in range(2))
+    assert torch.equal(first["grad_W1"], second["grad_W1"]) and torch.equal(first["grad_W2"], second["grad_W2"])

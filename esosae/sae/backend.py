@@ -14,6 +14,7 @@ which run the dense kernels above ``kernels.pairs.PAIRS_MAX_DENSITY``.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -51,8 +52,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def get_backend(name: str, device: torch.device) -> Backend:
-    """The backend for ``name`` ('auto', 'triton' or 'torch') on ``device``."""
+def get_backend(name: str, device: torch.device, pairs_max_density: float | None = None) -> Backend:
+    """The backend for ``name`` ('auto', 'triton' or 'torch') on ``device``; the Triton one
+    takes f's active pairs up to ``pairs_max_density`` (``kernels.pairs.PAIRS_MAX_DENSITY``
+    by default; 0 keeps every step on the dense kernels, without the count's host sync)."""
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
@@ -68,7 +71,9 @@ def get_backend(name: str, device: torch.device) -> Backend:
             arch_family(device)
         except UnsupportedArchError as e:
             raise BackendError(str(e)) from None
-    return Backend("triton", sparse.encode, sparse.decode, orth_penalty)
+    encode = sparse.encode if pairs_max_density is None else functools.partial(sparse.encode,
+                                                                               max_density=pairs_max_density)
+    return Backend("triton", encode, sparse.decode, orth_penalty)
 
 
 def path(f: torch.Tensor) -> str:

@@ -264,7 +264,7 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, dist: Dist | None, progr
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device) if dist is None else dist.device
     ranges = Ranges(cfg.profile == "nvtx")
-    ops = ranges.wrap_backend(get_backend(cfg.backend, device))
+    ops = ranges.wrap_backend(get_backend(cfg.backend, device, cfg.pairs_max_density))
     precision.resolve(cfg.dtype, device, ops.name)  # a --dtype this device cannot run fails before any file is written
     is_main = dist is None or dist.is_main
     if not is_main:
