@@ -46,8 +46,9 @@ def test_run_layout_and_tau_schedule(tmp_path, schedule, capsys):
         diffs = [b - a for a, b in zip(tau, tau[1:])]
         assert max(diffs) == pytest.approx(min(diffs), rel=1e-6) and diffs[0] > 0
     keys = {"step", "tau1", "tau2", "gamma", "lambda1", "mse", "l1", "orth", "fvu", "l0_1", "l0_2", "dead_1",
-            "pinned_min_1", "pinned_max_1", "cos_max", "cos_mean", "tokens_per_s"}
+            "pinned_min_1", "pinned_max_1", "cos_max", "cos_mean", "tokens_per_s", "path_1", "path_2"}
     assert keys <= recs[-1].keys()
+    assert {r["path_1"] for r in recs} <= {"dense", "pairs"}  # which path each layer's step took
     assert "atom_recovery" in (run / "summary.md").read_text()
     assert str(run) in capsys.readouterr().out
 
