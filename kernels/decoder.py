@@ -3,11 +3,10 @@
     x̂ = f W_dec + bias                     (B, d), f's dtype
     sq_err = ‖target − x̂‖²                  (B,) fp32, from the x̂ that is returned
 
-f is the encoder's output, mostly zeros, but the product is dense and tiled. A gather path
-(per token, only the L0 active rows of W_dec: 2·B·L0·d FLOPs instead of 2·B·m·d) trades the
-tensor cores' dense rate for memory-bound row gathers, and its backward needs a scatter for
-grad_W_dec = fᵀ g; where it breaks even depends on L0/m and the GPU, so it waits for
-measurements on one rather than being guessed at here.
+f is the encoder's output, mostly zeros, but the product here is dense and tiled: the path
+for a dense f (early in the curriculum) and for an f that did not come from the pair
+encoder. Where f is sparse, ``sparse.py`` decodes from its active pairs instead (gathers
+of the L0 active rows of W_dec per token, 2·B·L0·d FLOPs instead of 2·B·m·d).
 """
 
 from __future__ import annotations
