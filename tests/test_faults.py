@@ -108,11 +108,11 @@ def test_deferred_sigint_holds_ctrl_c_until_the_block_ends():
     reached = []
     with pytest.raises(KeyboardInterrupt):
         with runio.deferred_sigint():
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
             reached.append(True)  # the Ctrl-C waits for the end of the block
     assert reached == [True]
     with runio.deferred_sigint(deliver=False):  # stopping anyway: dropped
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
@@ -128,7 +128,7 @@ def test_ctrl_c_during_checkpoint_writes_leaves_them_whole_and_no_traceback(tmp_
         n = real(self, data)
         if id(self) not in signalled:
             signalled.add(id(self))
-            os.kill(os.getpid(), signal.SIGINT)  # its handler runs here, between two writes
+            signal.raise_signal(signal.SIGINT)  # its handler runs here, between two writes
         return n
 
     monkeypatch.setattr(checkpoint._HashingFile, "write", ctrl_c_mid_write)
