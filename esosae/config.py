@@ -58,6 +58,7 @@ KernelBackend = Literal["auto", "triton", "torch"]
 Device = Literal["auto", "cpu", "cuda"]
 Dtype = Literal["auto", "bf16", "fp16", "fp32", "tf32"]
 Profile = Literal["none", "nvtx", "torch"]
+Tracker = Literal["none", "tensorboard", "trackio", "wandb"]
 
 
 def choices(alias: Any) -> tuple[str, ...]:
@@ -471,6 +472,8 @@ class TrainConfig:
     """Run the evaluations when training ends."""
     profile: Profile = "none"
     """Profiling: 'none', 'nvtx' (NVTX ranges for Nsight) or 'torch' (torch.profiler trace)."""
+    log: Tracker = "none"
+    """Experiment tracker for the metrics, config and final evaluation: 'none', 'tensorboard', 'trackio' or 'wandb' (each a pip extra)."""
 
     def __post_init__(self) -> None:
         check_fields(self)

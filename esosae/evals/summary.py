@@ -33,7 +33,7 @@ def headline(trained: Trained) -> dict[str, Any]:
 
 def evaluate(trained: Trained, progress: bool = True) -> dict[str, Any]:
     """``headline``, then (with ``cfg.eval``) every evaluation; CE loss recovered joins the
-    headline when the run is on a language model."""
+    headline when the run is on a language model. The run's tracker gets the headline and closes."""
     metrics = headline(trained)
     if trained.cfg.eval:
         from esosae.evals.run import run_all  # the evals import the language-model stack
@@ -43,6 +43,7 @@ def evaluate(trained: Trained, progress: bool = True) -> dict[str, Any]:
         ce = results.get("core", {}).get("eval_result_metrics", {}).get("model_performance_preservation", {})
         if "ce_loss_score" in ce:
             metrics["ce_loss_recovered"] = ce["ce_loss_score"]
+    trained.tracker.finish(metrics, trained.cfg.steps - 1)  # the last logged step
     return metrics
 
 
