@@ -263,7 +263,7 @@ class ModelConfig:
     """Where activations come from when the source is a language model."""
 
     model: str = "smollm2-135m"
-    """Language model: 'smollm2-135m' (embedded, offline) or any TransformerLens 4 hub name."""
+    """Language model: 'smollm2-135m' (embedded, offline), a folder holding a saved transformers model, or a Hugging Face name TransformerLens 4 supports."""
     hook: str = "blocks.6.hook_out"
     """Hook point whose activations the SAE is trained on (residual stream after block 6)."""
     cache_dir: str | None = None
@@ -271,6 +271,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        folder = Path(self.model).expanduser()
+        if len(folder.parts) > 1 and folder.is_dir():  # a model folder (a bare name is a model's name):
+            self.model = str(folder.resolve())  # stored absolute, so caches, resumes and evals find it anywhere
 
 
 SYNTHETIC_PRESETS: dict[str, dict[str, float]] = {
