@@ -55,3 +55,43 @@ def test_bad_model_or_hook_is_one_line_exit_2_and_writes_nothing(env, capsys, mo
     assert not (tmp_path / "run").exists()
     activations = tmp_path / "cache" / "activations"
     assert not activations.exists() or not any(activations.rglob("*"))
+
+
+def _tiny(arch: str):
+    """A tiny random model of ``arch`` with the tiny tokenizer's vocabulary and special ids."""
+    import torch
+    import transformers as tf
+    from lm_helpers import SPECIALS, WORDS
+
+    ids = dict(vocab_size=len(SPECIALS) + len(WORDS), bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    sizes = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=LAYERS_TINY, num_attention_heads=4,
+                 max_position_embeddings=256)
+    cfg, cls = {
+        "gpt2": (tf.GPT2Config(n_embd=48, n_layer=LAYERS_TINY, n_head=4, n_positions=256, **ids), tf.GPT2LMHeadModel),
+        "pythia": (tf.GPTNeoXConfig(**sizes, **ids), tf.GPTNeoXForCausalLM),
+        "gemma2": (tf.Gemma2Config(**sizes, num_key_value_heads=2, head_dim=12, **ids), tf.Gemma2ForCausalLM),
+    }[arch]
+    with torch.random.fork_rng():
+        torch.manual_seed(1234)
+        return cls(cfg).eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt2", "pythia", "gemma2"])
+@pytest.mark.parametrize("hook", ["blocks.1.hook_out", "blocks.1.mlp.hook_out"])
+def test_other_architectures_train_from_a_folder(env, arch, hook):
+    tmp_path, _, base = env
+    folder = tmp_path / "models" / arch
+    _tiny(arch).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    assert cli.main(base + ["--model", str(folder), "--hook", hook]) == 0
+    assert (tmp_path / "run" / "sae" / "sae.safetensors").is_file()
+    import torch
+
+    from esosae.config import ModelConfig
+
+    model = models.load_model(ModelConfig(model=str(folder)))
+    tokens = torch.randint(4, 100, (2, 7))
+    with torch.no_grad():
+        hidden = model.bridge.original_model(tokens, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(models.hook_activations(model, tokens, "blocks.0.hook_out"), hidden[1])
