@@ -76,6 +76,26 @@ def test_exports_load_in_saelens_and_match_ours(runs, tmp_path):
     problem = peer_problem()
     if problem:
         pytest.skip(problem)
+    classes = saelens_matches_ours(runs, tmp_path)
+    assert classes == ["JumpReLUSAE", "JumpReLUSAE", "StandardSAE", "TopKSAE"]
+
+
+@pytest.mark.slow
+def test_an_esosae_on_smollm2_loads_in_saelens_and_matches_ours(tmp_path):
+    """The embedded SmolLM2 at the default hook (its dequantized copy in the default cache, as
+    the quick grid uses it), a short E-SOSAE run on the data dir's text, both layers checked."""
+    problem = peer_problem()
+    if problem:
+        pytest.skip(problem)
+    run = tmp_path / "run"
+    assert cli.main(["--harvest-tokens", "4096", "--eval-tokens", "512", "--steps", "30", "--batch-size", "256",
+                     "--m1", "256", "--m2", "256", "--no-eval", "--out-dir", str(run)]) == 0
+    assert saelens_matches_ours({"esosae": run}, tmp_path) == ["JumpReLUSAE", "JumpReLUSAE"]
+
+
+def saelens_matches_ours(runs: dict[str, Path], tmp_path: Path) -> list[str]:
+    """Export each run, encode and decode its held-out activations with SAELens and with our
+    saved SAE, assert they match to fp32 tolerance; returns SAELens's class names in order."""
     dirs, xs, want = [], {}, []
     for arch, run in runs.items():
         export_cli.export(run, "saelens", tmp_path / arch)
@@ -91,19 +111,19 @@ def test_exports_load_in_saelens_and_match_ours(runs, tmp_path):
             xs[f"x{len(dirs)}"] = x - x_hat1
             dirs.append(tmp_path / arch / "layer2")
             want.append((out["f2"], out["x_hat"] - x_hat1))
-            assert 0 < (out["f1"] > 0).float().mean() < (x @ sae.W_enc1 > 0).float().mean()  # θ1 matters
+            pre = (x - sae.b_dec) @ sae.W_enc1 + sae.b_enc1  # (N, m1)
+            assert 0 < (out["f1"] > 0).float().mean() < (pre > 0).float().mean()  # θ1 cuts some a > 0
     acts, got = tmp_path / "acts.safetensors", tmp_path / "got.safetensors"
     save_file(xs, str(acts))
     r = subprocess.run([str(PEERS_PYTHON), "-P", str(WORKER), str(acts), str(got), *map(str, dirs)],
                        capture_output=True, text=True, cwd=tempfile.gettempdir(), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    classes = json.loads(r.stdout.strip().splitlines()[-1])
-    assert list(classes.values()) == ["JumpReLUSAE", "JumpReLUSAE", "StandardSAE", "TopKSAE"]
     got_t = load_file(str(got))
     for i, (f, dec) in enumerate(want):
         assert (f > 0).any(), f"SAE {dirs[i]} has no active feature on real activations"
         torch.testing.assert_close(got_t[f"enc{i}"], f, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got_t[f"dec{i}"], dec, rtol=1e-5, atol=1e-5)
+    return list(json.loads(r.stdout.strip().splitlines()[-1]).values())
 
 
 @pytest.mark.parametrize("case, message", [
