@@ -155,3 +155,16 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(runs, tmp_path, capsys,
     err = capsys.readouterr().err.strip()
     assert err.startswith("python -m esosae.export: error:") and "\n" not in err and message in err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_single_layer_esosae_on_a_planted_source_is_one_jumprelu(tmp_path):
+    run, out = tmp_path / "run", tmp_path / "out"
+    assert cli.main(["--source", "synthetic", "--steps", "4", "--batch-size", "64", "--m1", "32", "--m2", "0",
+                     "--eval-tokens", "64", "--no-eval", "--out-dir", str(run)]) == 0
+    assert export_cli.main([str(run), "--format", "saelens", str(out)]) == 0
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["architecture"] == "jumprelu" and cfg["d_sae"] == 32 and cfg["d_in"] == 128
+    assert cfg["metadata"]["model_name"] is None and cfg["metadata"]["dataset_path"] == "synthetic:easy"
+    sae = DualLayerSAE.load(run / SAE_DIR)
+    torch.testing.assert_close(load_file(str(out / saelens.WEIGHTS))["threshold"], sae.theta1, rtol=0, atol=0)
+    assert not (out / "layer1").exists()
