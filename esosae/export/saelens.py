@@ -9,8 +9,10 @@ tensor names from its ``state_dict``):
     topk      topk        f = the k largest of relu(a)   (cfg field k)       W_enc b_enc W_dec b_dec
     esosae    jumprelu    f = relu(a) · 1[a > θ]                             + threshold
 
-and decode x̂ = f W_dec + b_dec for all. E-SOSAE's θ = τ_T · clamp(μ, μ_min, μ_max) ≥ 0, the
-thresholds the saved SAE encodes with, so relu(a)·1[a > θ] = a·1[a > θ], our JumpReLU.
+and decode x̂ = f W_dec + b_dec for all. E-SOSAE's θ is the threshold the saved SAE encodes
+with (its ``theta`` buffers): τ·clamp(μ, μ_min, μ_max) as set for the last step, which is
+τ_T·clamp(μ) once the schedule has reached τ_T (by ``schedule_fraction`` of training). θ ≥ 0,
+so relu(a)·1[a > θ] = a·1[a > θ], our JumpReLU.
 
 A dual-layer E-SOSAE is two SAEs, ``layer1/`` and ``layer2/``: layer 2 reads layer 1's
 residual r = x − x̂1 (x̂1 = layer 1's decode of its encode), has b_dec = 0 and returns r̂;
