@@ -106,3 +106,32 @@ def test_a_tracker_not_installed_is_one_line_exit_2_and_writes_nothing(tmp_path,
     err = capsys.readouterr().err.strip()
     assert err.startswith("train.py: error:") and "\n" not in err and f"pip install 'esosae[{tracker}]'" in err
     assert not run.exists()
+
+
+def test_tensorboard_after_a_crash_and_a_resume_has_each_step_once(tmp_path, monkeypatch):
+    """A crash at step 6 leaves events past the step-4 checkpoint; the resumed run drops them."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from esosae.training import tracking
+
+    real_log = tracking.TensorBoard.log
+
+    def crash_at_6(self, rec):
+        real_log(self, rec)
+        if rec["step"] == 6:
+            raise RuntimeError("crash")
+
+    run = tmp_path / "run"
+    args = ["--source", "synthetic", "--steps", "8", "--batch-size", "64", "--m1", "32", "--m2", "32",
+            "--log-every", "1", "--checkpoint-every", "4", "--eval-tokens", "256", "--no-eval"]
+    monkeypatch.setattr(tracking.TensorBoard, "log", crash_at_6)
+    with pytest.raises(RuntimeError, match="crash"):
+        cli.main(args + ["--out-dir", str(run), "--log", "tensorboard"])
+    monkeypatch.setattr(tracking.TensorBoard, "log", real_log)
+    assert cli.main(["--resume", str(run), "--log", "tensorboard"]) == 0
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    records = read_metrics(run / "metrics.jsonl")
+    assert [e.step for e in events.Scalars("fvu")] == [r["step"] for r in records] == list(range(8))
+    assert [e.value for e in events.Scalars("fvu")] == pytest.approx([r["fvu"] for r in records], rel=1e-6)
