@@ -263,7 +263,7 @@ class ModelConfig:
     """Where activations come from when the source is a language model."""
 
     model: str = "smollm2-135m"
-    """Language model: 'smollm2-135m' (embedded, offline), a folder holding a saved transformers model, or a Hugging Face name TransformerLens 4 supports."""
+    """Language model: 'smollm2-135m' (embedded, offline), a saved transformers model's folder, or a hub name."""
     hook: str = "blocks.6.hook_out"
     """Hook point whose activations the SAE is trained on (residual stream after block 6)."""
     cache_dir: str | None = None
@@ -476,7 +476,7 @@ class TrainConfig:
     profile: Profile = "none"
     """Profiling: 'none', 'nvtx' (NVTX ranges for Nsight) or 'torch' (torch.profiler trace)."""
     log: Tracker = "none"
-    """Experiment tracker for the metrics, config and final evaluation: 'none', 'tensorboard', 'trackio' or 'wandb' (each a pip extra)."""
+    """Experiment tracker: 'none', 'tensorboard', 'trackio' or 'wandb' (each a pip extra of esosae)."""
 
     def __post_init__(self) -> None:
         check_fields(self)

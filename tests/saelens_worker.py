@@ -9,8 +9,8 @@ import json
 import sys
 
 import torch
-from safetensors.torch import load_file, save_file
 from sae_lens import SAE
+from safetensors.torch import load_file, save_file
 
 acts_file, out_file, *dirs = sys.argv[1:]
 acts, out, classes = load_file(acts_file), {}, {}
