@@ -135,3 +135,23 @@ def test_tensorboard_after_a_crash_and_a_resume_has_each_step_once(tmp_path, mon
     records = read_metrics(run / "metrics.jsonl")
     assert [e.step for e in events.Scalars("fvu")] == [r["step"] for r in records] == list(range(8))
     assert [e.value for e in events.Scalars("fvu")] == pytest.approx([r["fvu"] for r in records], rel=1e-6)
+
+
+@pytest.mark.slow  # the evaluations (core, planted probing, curriculum) add ~20 s
+def test_tensorboard_gets_every_number_of_the_evaluations(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    assert cli.main([a for a in RUN if a != "--no-eval"] + ["--out-dir", str(run), "--log", "tensorboard"]) == 0
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags, n = set(events.Tags()["scalars"]), 0
+    for path in sorted((run / "eval").glob("*.json")):
+        for section, values in json.loads(path.read_text())["eval_result_metrics"].items():
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    tag = f"eval/{path.stem}/{section}/{key}"
+                    assert tag in tags and events.Scalars(tag)[0].value == pytest.approx(value, rel=1e-6, abs=1e-30)
+                    n += 1
+    assert n >= 10 and "eval/core/reconstruction_quality/fvu" in tags

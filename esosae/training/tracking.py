@@ -2,9 +2,10 @@
 final evaluation, sent to TensorBoard, Trackio or Weights & Biases.
 
 Each logged step sends every number of its ``metrics.jsonl`` line (all but ``step``) at
-that step, under the same names; the config goes in once, at the start; the held-out
-headline of the evaluation (FVU, MSE, L0 per layer, dead %, CE loss recovered, …) goes in
-at the end under ``eval/``. Where each one writes:
+that step, under the same names; the config goes in once, at the start; at the end, under
+``eval/`` at the last step, the held-out headline (FVU, MSE, L0 per layer, dead %, …) and,
+when the evaluations ran, every number of their ``eval/*.json`` (``eval/core/
+reconstruction_quality/fvu``, ``eval/sparse_probing/sae/sae_top_1_test_accuracy``, …). Where each one writes:
 
     tensorboard  RUN_DIR/tensorboard/ (``tensorboard --logdir RUN_DIR/tensorboard``); the config
                  as a JSON text; a resumed run drops the events past its checkpoint (purge_step)
@@ -52,6 +53,17 @@ def numbers_of(rec: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """The numeric fields of a record (bools and the step itself left out), keys prefixed."""
     return {prefix + k: float(v) for k, v in rec.items()
             if k != "step" and isinstance(v, numbers.Real) and not isinstance(v, bool)}
+
+
+def evaluation_numbers(results: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The numbers of the evaluations' SAEBench-shaped results ({file stem: result}, as
+    esosae.evals.run.run_all returns them) as ``stem/section/metric`` keys."""
+    flat = {}
+    for stem, result in results.items():
+        for section, values in result.get("eval_result_metrics", {}).items():
+            if isinstance(values, dict):
+                flat.update(numbers_of(values, f"{stem}/{section}/"))
+    return flat
 
 
 class Tracker:
