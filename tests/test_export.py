@@ -69,9 +69,9 @@ def test_each_arch_is_written_as_its_saelens_architecture(runs, tmp_path):
         weights = load_file(str(dirs[0] / saelens.WEIGHTS))
         assert set(weights) == {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if arch == "esosae" else set())
     assert json.loads((tmp_path / "topk" / "cfg.json").read_text())["k"] == 5
+    assert (load_file(str(tmp_path / "esosae" / "layer2" / saelens.WEIGHTS))["b_dec"] == 0).all()
     assert export_cli.main([str(runs["relu"]), "--format", "saelens", str(tmp_path / "esosae"), "--overwrite"]) == 0
     assert sorted(p.name for p in (tmp_path / "esosae").iterdir()) == ["cfg.json", saelens.WEIGHTS]  # replaced whole
-    assert (load_file(str(tmp_path / "esosae" / "layer2" / saelens.WEIGHTS))["b_dec"] == 0).all()
 
 
 def test_exports_load_in_saelens_and_match_ours(runs, tmp_path):
