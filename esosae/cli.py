@@ -20,6 +20,8 @@ from esosae.run.layout import check_new_run, check_writable_dir
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+RESUME_FLAGS = ("eval", "profile", "log")
+"""Settings a --resume may change: what the run reports, not what it trains."""
 
 
 def _config_fields() -> list[tuple[str | None, str]]:
@@ -65,14 +67,14 @@ def prepare(argv: list[str]) -> tuple[TrainConfig, Path, bool, bool]:
     ns = build_parser().parse_args(argv)
     if getattr(ns, "resume", None):
         run_dir = Path(ns.resume)
-        extra = [n for n in given_config_flags(ns) if n not in ("eval", "profile")]
+        extra = [n for n in given_config_flags(ns) if n not in RESUME_FLAGS]
         if extra or getattr(ns, "config", None):
             raise ConfigError(f"--resume takes its settings from {run_dir}/config.json; drop "
                               + ", ".join(f"--{n.replace('_', '-')}" for n in extra or ["config"]))
         if not (run_dir / "config.json").is_file():
             raise ConfigError(f"--resume {run_dir}: no config.json there; is it a run directory?")
         cfg = TrainConfig.from_json(run_dir / "config.json")
-        for name in ("eval", "profile"):
+        for name in RESUME_FLAGS:
             if hasattr(ns, name):
                 setattr(cfg, name, getattr(ns, name))
         return cfg, run_dir, True, False
@@ -96,13 +98,14 @@ def resume_hint(run_dir: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Train from command-line flags; under torchrun every rank calls this, rank 0 reports."""
     from esosae.evals.summary import evaluate
-    from esosae.training import distributed
+    from esosae.training import distributed, tracking
     from esosae.training.loop import Interrupted, run
 
     argv = sys.argv[1:] if argv is None else argv
-    dist = None
+    dist = trained = None
     try:
         cfg, run_dir, resume, overwrite = prepare(argv)
+        tracking.check(cfg.log)
         if not resume:
             check_new_run(run_dir, overwrite)  # checks only: the trainer claims the directory once all else is checked
         if cfg.model.cache_dir:
@@ -130,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"({e.strerror}); {resume_hint(run_dir)}", file=sys.stderr)
         return EXIT_USAGE
     finally:
+        if trained is not None:
+            trained.tracker.close()  # an evaluation that failed leaves it open
         distributed.shutdown()
     if dist is not None and not dist.is_main:
         return 0

@@ -58,6 +58,7 @@ KernelBackend = Literal["auto", "triton", "torch"]
 Device = Literal["auto", "cpu", "cuda"]
 Dtype = Literal["auto", "bf16", "fp16", "fp32", "tf32"]
 Profile = Literal["none", "nvtx", "torch"]
+Tracker = Literal["none", "tensorboard", "trackio", "wandb"]
 
 
 def choices(alias: Any) -> tuple[str, ...]:
@@ -262,7 +263,7 @@ class ModelConfig:
     """Where activations come from when the source is a language model."""
 
     model: str = "smollm2-135m"
-    """Language model: 'smollm2-135m' (embedded, offline) or any TransformerLens 4 hub name."""
+    """Language model: 'smollm2-135m' (embedded, offline), a saved transformers model's folder, or a hub name."""
     hook: str = "blocks.6.hook_out"
     """Hook point whose activations the SAE is trained on (residual stream after block 6)."""
     cache_dir: str | None = None
@@ -270,6 +271,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        folder = Path(self.model).expanduser()
+        if len(folder.parts) > 1 and folder.is_dir():  # a model folder (a bare name is a model's name):
+            self.model = str(folder.resolve())  # stored absolute, so caches, resumes and evals find it anywhere
 
 
 SYNTHETIC_PRESETS: dict[str, dict[str, float]] = {
@@ -473,6 +477,8 @@ class TrainConfig:
     """Run the evaluations when training ends."""
     profile: Profile = "none"
     """Profiling: 'none', 'nvtx' (NVTX ranges for Nsight) or 'torch' (torch.profiler trace)."""
+    log: Tracker = "none"
+    """Experiment tracker: 'none', 'tensorboard', 'trackio' or 'wandb' (each a pip extra of esosae)."""
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -1,6 +1,6 @@
 """Imports point one way along the pipeline (docs/architecture.md):
 
-    config, args, errors → run → data → sae (and kernels) → training → evals → experiments → cli
+    config, args, errors → run → data → sae (and kernels) → training → evals → experiments → cli (and export)
 
 A module imports only from its own stage or the stages to its left, at module level and
 inside functions alike; the check parses every file of the package."""
@@ -12,7 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["esosae.config esosae.args esosae.errors", "esosae.run", "esosae.data", "esosae.sae esosae.kernels",
-          "esosae.training", "esosae.evals", "esosae.experiments", "esosae.cli esosae.report"]
+          "esosae.training", "esosae.evals", "esosae.experiments", "esosae.cli esosae.report esosae.export"]
 
 
 def stage(module: str) -> int:

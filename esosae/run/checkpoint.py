@@ -59,11 +59,11 @@ KEYS = ("step", "model", "optim", "scale", "config")
 CORRUPT_SUFFIX = ".corrupt"
 
 RUN_ONLY_FIELDS = frozenset({
-    "out_dir", "eval", "profile", "log_every", "checkpoint_every", "keep_checkpoints",
+    "out_dir", "eval", "profile", "log", "log_every", "checkpoint_every", "keep_checkpoints",
     "device", "backend", "model.cache_dir", "data.harvest_batch",
 })
 """Config fields that may differ between a checkpoint and the run resuming it: where the run
-lives and what it reports (out_dir, eval, profile, log_every), how often and how many
+lives and what it reports (out_dir, eval, profile, log, log_every), how often and how many
 checkpoints it keeps, where its activation cache lives and how many contexts each harvest
 pass takes (the cached rows do not depend on it), and which device and kernel backend run
 the step (the same math, held to the same float64 reference). Every other field changes the

@@ -39,6 +39,7 @@ from esosae.sae.reference import sample_tiles
 from esosae.training.distributed import Dist
 from esosae.training.optim import Adam
 from esosae.training.profiling import NO_RANGES, Ranges, StepTimer, dense_flops_per_token, gemm_peak_tflops, torch_trace
+from esosae.training.tracking import Tracker, open_tracker
 
 COS_SAMPLE = 512
 
@@ -295,6 +296,7 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, dist: Dist | None, progr
     bar = tqdm(total=cfg.steps, initial=start, disable=not (progress and is_main), unit="step",
                dynamic_ncols=True, desc="train", mininterval=2.0)
     metrics_fh = open(run_dir / METRICS_FILE, "a") if is_main else None
+    tracker = open_tracker(cfg, run_dir, start) if is_main else Tracker()  # esosae.training.tracking
     try:
         with SigintGuard() as guard, torch_trace(run_dir, cfg.profile == "torch" and is_main) as trace_step:
             for step in range(start, cfg.steps):
@@ -321,6 +323,7 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, dist: Dist | None, progr
                     if metrics_fh is not None:
                         metrics_fh.write(json.dumps(rec) + "\n")
                         metrics_fh.flush()
+                        tracker.log(rec)
                     l0 = rec["l0_1"] + rec.get("l0_2", 0.0)
                     bar.set_postfix(tok_s=f"{tps:,.0f}", fvu=f"{rec['fvu']:.3f}", l0=f"{l0:.1f}")
                 done = step + 1 == cfg.steps
@@ -336,13 +339,16 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, dist: Dist | None, progr
                 if stop and not done:
                     raise Interrupted(f"interrupted at step {step + 1}/{cfg.steps}; checkpoint saved. "
                                       f"Continue with: python train.py --resume {run_dir}")
+    except BaseException:
+        tracker.close()
+        raise
     finally:
         bar.close()
         if metrics_fh is not None:
             metrics_fh.close()
     if not is_main:
         return None
-    return finish(model, cfg, source, run_dir, time.perf_counter() - t_start, ops, ranges)
+    return finish(model, cfg, source, run_dir, time.perf_counter() - t_start, ops, ranges, tracker)
 
 
 @dataclass
@@ -357,12 +363,14 @@ class Trained:
     wall_s: float
     ops: Backend
     ranges: Ranges = NO_RANGES
+    tracker: Tracker = field(default_factory=Tracker)
+    """Still open: the evaluation's numbers go to it last (esosae.evals.summary.evaluate)."""
 
 
 def finish(model: DualLayerSAE, cfg: TrainConfig, source: ActivationSource, run_dir: Path,
-           wall_s: float, ops: Backend, ranges: Ranges = NO_RANGES) -> Trained:
+           wall_s: float, ops: Backend, ranges: Ranges = NO_RANGES, tracker: Tracker | None = None) -> Trained:
     """Save the final SAE (scale folded in) to ``sae/``."""
     extra = {"tau_final": cfg.schedule.tau_final, "tau_final2": cfg.schedule.tau_final_2,
              "source": source.describe(), "steps": cfg.steps}
     model.save(run_dir / SAE_DIR, extra)
-    return Trained(model, cfg, source, run_dir, wall_s, ops, ranges)
+    return Trained(model, cfg, source, run_dir, wall_s, ops, ranges, tracker or Tracker())

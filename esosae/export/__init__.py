@@ -1,0 +1,1 @@
+"""Export a trained run's SAE to other libraries' formats (``python -m esosae.export``)."""
