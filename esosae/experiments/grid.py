@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from esosae.config import AUTO_DEFAULTS, ConfigError, Synthetic, TrainConfig, choices
+from esosae.config import AUTO_DEFAULTS, ConfigError, SAEConfig, Synthetic, TrainConfig, choices, field_specs
 
 GRID_FILE = "grid.json"
 """The grid folder's record of its settings, variants and invocations (runner writes, report reads)."""
@@ -41,6 +41,8 @@ class Variant:
     orthogonality: bool = True
     seed_offset: int = 0
     note: str = ""
+    extra: tuple[tuple[str, Any], ...] = ()
+    """Further SAEConfig or ScheduleConfig fields, (name, value), set on top of the above."""
 
     @property
     def slug(self) -> str:
@@ -48,8 +50,10 @@ class Variant:
 
     @property
     def knob(self) -> str:
-        """The sparsity knob the calibration moves: 'tau_scale', 'l1_coeff' or 'k'."""
-        return {"esosae": "tau_scale", "relu": "l1_coeff", "topk": "k"}[self.arch]
+        """The sparsity knob the calibration moves: 'tau_scale', 'l1_coeff' (λ of L1, or of L0 for
+        jumprelu) or 'k'."""
+        return {"esosae": "tau_scale", "relu": "l1_coeff", "topk": "k", "batchtopk": "k",
+                "jumprelu": "l1_coeff"}[self.arch]
 
 
 METHOD_GRID: tuple[Variant, ...] = (
@@ -155,7 +159,7 @@ def default_knob(v: Variant, b: Budget) -> float:
     if v.knob == "tau_scale":
         return 1.0
     if v.knob == "l1_coeff":
-        return float(AUTO_DEFAULTS[b.source]["l1_coeff_relu"])
+        return float(AUTO_DEFAULTS[b.source]["l0_coeff" if v.arch == "jumprelu" else "l1_coeff_relu"])
     return float(round(b.target_l0))
 
 
@@ -179,10 +183,12 @@ def train_config(v: Variant, b: Budget, knob: float, seed: int, run_dir: str) ->
         schedule.update(tau_final=tau1, tau_final2=tau2)
     else:
         sae.update(m1=2 * b.m, m2=0, target_l0=b.target_l0)
-        if v.arch == "relu":
+        if v.knob == "l1_coeff":
             sae["l1_coeff"] = knob
         else:
             sae["k"] = int(round(knob))
+    for name, value in v.extra:
+        (sae if name in field_specs(SAEConfig) else schedule)[name] = value
     d: dict[str, Any] = {"data": data, "sae": sae, "schedule": schedule, "steps": b.steps,
                          "batch_size": b.batch_size, "seed": seed + v.seed_offset, "eval": False,
                          "log_every": max(1, b.steps // 100), "checkpoint_every": max(1, b.steps // 6),
