@@ -9,7 +9,7 @@ and are differentiable (torch.autograd.Function):
 """
 
 from esosae.kernels.decoder import decode
-from esosae.kernels.encoder import encode
+from esosae.kernels.encoder import encode, encode_learned
 from esosae.kernels.orthogonality import orth_penalty
 
-__all__ = ["decode", "encode", "orth_penalty"]
+__all__ = ["decode", "encode", "encode_learned", "orth_penalty"]
