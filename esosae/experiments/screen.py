@@ -56,6 +56,10 @@ def candidates(source: str) -> tuple[Variant, ...]:
         Variant(9, "jumprelu", arch="jumprelu", note="JumpReLU baseline (learned θ, L0 via STE)"),
         Variant(10, "v2ctl_rows", extra=(("orth_norm", "rows"),), note="orthogonality normalized by rows"),
         Variant(11, "v2ctl_nogamma", orthogonality=False, note="no orthogonality (γ = 0)"),
+        Variant(12, "v2ctl_sf03", extra=(("schedule_fraction", 0.3),), note="recovering controller, τ reaches τ_T at 30%"),
+        Variant(13, "learned_l0_aux_sf03", extra=l0 + aux + (("schedule_fraction", 0.3),),
+                note="learned margins, L0, AuxK, τ reaches τ_T at 30%"),
+        Variant(14, "v2ctl_const", schedule="const", note="recovering controller, no curriculum (reference point)"),
     )
 
 
