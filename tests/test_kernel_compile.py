@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-KERNELS = {"_encode_fwd_kernel", "_encode_bwd_dx_kernel", "_encode_bwd_dw_kernel", "_decode_fwd_kernel",
+KERNELS = {"_encode_fwd_kernel", "_encode_bwd_dx_kernel", "_encode_bwd_dw_kernel", "_encode_bwd_theta_kernel",
+           "_decode_fwd_kernel",
            "_decode_bwd_df_kernel", "_decode_bwd_dw_kernel", "_orth_fwd_kernel", "_orth_bwd_kernel"}
 
 

@@ -129,7 +129,7 @@ def say(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m esosae.experiments.screen", description=__doc__.splitlines()[0])
     p.add_argument("--sources", default="hard,lm", help="comma list of hard, lm")
-    p.add_argument("--only", default=None, help="comma list of candidate names (default: all, in order)")
+    p.add_argument("--only", default=None, help="comma list of candidate names, run in that order (default: all)")
     p.add_argument("--seeds", default="0,1", help="comma list of seeds; the first calibrates")
     p.add_argument("--max-tries", type=int, default=3, help="calibration tries on the first seed")
     p.add_argument("--steps", type=int, default=None, help="override the budget's steps (smoke tests)")
@@ -139,10 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(t) for t in ns.seeds.split(",")]
     for source in ns.sources.split(","):
         b = BUDGETS[source] if ns.steps is None else replace(BUDGETS[source], steps=ns.steps)
-        names = ns.only.split(",") if ns.only else None
-        for v in candidates(source):
-            if names is None or v.name in names:
-                screen_one(v, b, seeds, Path(ns.out), Path(ns.work), ns.max_tries)
+        known = {v.name: v for v in candidates(source)}
+        names = ns.only.split(",") if ns.only else list(known)
+        bad = [n for n in names if n not in known]
+        if bad:
+            p.error(f"--only: unknown candidate(s) {', '.join(bad)}; choose from {', '.join(known)}")
+        for name in names:
+            screen_one(known[name], b, seeds, Path(ns.out), Path(ns.work), ns.max_tries)
     return 0
 
 
