@@ -117,6 +117,37 @@ def screen_one(v: Variant, b: Budget, seeds: list[int], out: Path, work: Path, m
                      "in_band": calibrate.in_band(h["l0"], b.target_l0), "wall_s": time.perf_counter() - t0})
 
 
+def summary(out: Path) -> str:
+    """A markdown table per source: each candidate's mean ± std over its seeds."""
+    lines = []
+    for src in sorted(p.name for p in out.iterdir() if p.is_dir()):
+        runs: dict[str, list[dict[str, Any]]] = {}
+        for path in sorted((out / src).glob("*_seed*.json")):
+            d = json.loads(path.read_text())
+            runs.setdefault(d["variant"]["name"], []).append(d)
+        lines += [f"### {src}", "", "| candidate | seeds | knob | L0 | FVU | atom recovery | dead % (held-out, all layers) "
+                  "| pairs \\|c\\| > 0.9 | orth grad ratio |", "|---|---|---|---|---|---|---|---|---|"]
+        for name, ds in sorted(runs.items(), key=lambda kv: kv[1][0]["variant"]["run"]):
+            ms = [d["metrics"] for d in ds]
+
+            def stat(key: str, fmt: str = ".3f", ms: list[dict[str, Any]] = ms) -> str:
+                vals = torch.tensor([float(m[key]) for m in ms if key in m], dtype=torch.float64)
+                if vals.numel() == 0:
+                    return "—"
+                std = f" ± {vals.std():{fmt}}" if vals.numel() > 1 else ""
+                return f"{vals.mean():{fmt}}{std}"
+
+            for m in ms:
+                dead = [v for k, v in m.items() if k.startswith("dead_pct_")]
+                m["dead_pct"] = sum(dead) / len(dead)  # layers of equal width: the share of all features
+                m.update({k: v for k, v in m.get("last", {}).items() if k in ("cos_high_pairs", "orth_grad_ratio")})
+            lines.append(f"| {name} | {len(ds)} | {ds[0]['knob']:.3g} | {stat('l0', '.2f')} | {stat('fvu', '.4f')} "
+                         f"| {stat('atom_recovery')} | {stat('dead_pct', '.1f')} | {stat('cos_high_pairs', '.1f')} "
+                         f"| {stat('orth_grad_ratio', '.2g')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def write(path: Path, d: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(d, indent=1) + "\n")
@@ -135,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="override the budget's steps (smoke tests)")
     p.add_argument("--out", default="docs/results/method-v2", help="folder of the per-run JSON files")
     p.add_argument("--work", default="runs/screen", help="folder of the run directories (not kept)")
+    p.add_argument("--summary", action="store_true", help="print the tables of what --out holds, train nothing")
     ns = p.parse_args(argv)
+    if ns.summary:
+        print(summary(Path(ns.out)))
+        return 0
     seeds = [int(t) for t in ns.seeds.split(",")]
     for source in ns.sources.split(","):
         b = BUDGETS[source] if ns.steps is None else replace(BUDGETS[source], steps=ns.steps)
