@@ -60,6 +60,7 @@ def candidates(source: str) -> tuple[Variant, ...]:
         Variant(13, "learned_l0_aux_sf03", extra=l0 + aux + (("schedule_fraction", 0.3),),
                 note="learned margins, L0, AuxK, τ reaches τ_T at 30%"),
         Variant(14, "v2ctl_const", schedule="const", note="recovering controller, no curriculum (reference point)"),
+        Variant(15, "topk_k12", arch="topk", extra=(("k", 12),), note="TopK at k = 12: the L0 the controller settles at"),
     )
 
 
