@@ -19,7 +19,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from esosae.config import AUTO_DEFAULTS, ConfigError, SAEConfig, Synthetic, TrainConfig, choices, field_specs
+from esosae.config import (AUTO_DEFAULTS, V1_METHOD, ConfigError, SAEConfig, Synthetic, TrainConfig, choices,
+                           field_specs)
 
 GRID_FILE = "grid.json"
 """The grid folder's record of its settings, variants and invocations (runner writes, report reads)."""
@@ -68,7 +69,21 @@ METHOD_GRID: tuple[Variant, ...] = (
     Variant(8, "no_orth", orthogonality=False, note="no orthogonality (γ = 0)"),
     Variant(9, "esosae_seed1", seed_offset=1, note="second seed of run 2 (consistency)"),
 )
-GRIDS = {"method": METHOD_GRID}
+LEARNED_L0 = (("margins", "learned"), ("sparsity", "l0"))
+V2_GRID: tuple[Variant, ...] = (
+    Variant(0, "batchtopk", arch="batchtopk", note="BatchTopK baseline (B·k per batch, global θ at inference)"),
+    Variant(1, "topk", arch="topk", note="TopK baseline (k = target L0)"),
+    Variant(2, "esosae", note="E-SOSAE v2 (today's defaults)"),
+    Variant(3, "v1", extra=tuple(V1_METHOD.items()), note="E-SOSAE v1 (presets/esosae-v1.json)"),
+    Variant(4, "jumprelu", arch="jumprelu", note="JumpReLU baseline (learned θ, L0 via STE)"),
+    Variant(5, "learned_l0", extra=LEARNED_L0, note="learned clamped margins, L0"),
+    Variant(6, "auxk", extra=(("aux_k", 64),), note="AuxK dead-feature revival (k_aux = 64)"),
+    Variant(7, "orth_rows", extra=(("orth_norm", "rows"),), note="orthogonality normalized by rows (1/m1)"),
+    Variant(8, "no_orth", orthogonality=False, note="no orthogonality (γ = 0)"),
+    Variant(9, "esosae_seed1", seed_offset=1, note="second seed of run 2 (consistency)"),
+)
+"""The v2 comparison (``--grid v2``): the baselines, v2, v1 and each v2 mechanism alone."""
+GRIDS = {"method": METHOD_GRID, "v2": V2_GRID}
 
 IDENTITY = ("run", "name", "note")
 """The fields of a Variant that name it; every other field is a setting."""
