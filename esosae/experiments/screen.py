@@ -61,6 +61,10 @@ def candidates(source: str) -> tuple[Variant, ...]:
                 note="learned margins, L0, AuxK, τ reaches τ_T at 30%"),
         Variant(14, "v2ctl_const", schedule="const", note="recovering controller, no curriculum (reference point)"),
         Variant(15, "topk_k12", arch="topk", extra=(("k", 12),), note="TopK at k = 12: the L0 the controller settles at"),
+        Variant(16, "v2ctl_const_rows", schedule="const", extra=(("orth_norm", "rows"),),
+                note="no curriculum, orthogonality by rows (γ_max 1)"),
+        Variant(17, "v2ctl_const_rows_g10", schedule="const", extra=(("orth_norm", "rows"), ("gamma_max", 10.0)),
+                note="no curriculum, orthogonality by rows, γ_max 10"),
     )
 
 
