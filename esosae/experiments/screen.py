@@ -65,6 +65,8 @@ def candidates(source: str) -> tuple[Variant, ...]:
                 note="no curriculum, orthogonality by rows (γ_max 1)"),
         Variant(17, "v2ctl_const_rows_g10", schedule="const", extra=(("orth_norm", "rows"), ("gamma_max", 10.0)),
                 note="no curriculum, orthogonality by rows, γ_max 10"),
+        Variant(18, "v1_rows", extra=V1 + (("orth_norm", "rows"),), note="v1 with orthogonality by rows"),
+        Variant(19, "v1_aux", extra=V1 + aux, note="v1 with AuxK"),
     )
 
 
@@ -95,7 +97,7 @@ def screen_one(v: Variant, b: Budget, seeds: list[int], out: Path, work: Path, m
         knob = json.loads(first.read_text())["knob"]
     else:
         attempts: list[dict[str, Any]] = []
-        knob = default_knob(v, b)
+        knob = start_knob(v, b, out, seeds[0])
         while True:
             t0 = time.perf_counter()
             h = train_one(v, b, knob, seeds[0], work / b.source / v.name / f"seed{seeds[0]}_try{len(attempts)}")
@@ -151,6 +153,15 @@ def summary(out: Path) -> str:
                          f"| {stat('orth_grad_ratio', '.2g')} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def start_knob(v: Variant, b: Budget, out: Path, seed: int) -> float:
+    """The knob a candidate's calibration starts from: its base's chosen one (``v1_rows`` → ``v1``)
+    when that has been screened, else the source's default."""
+    base = out / b.source / f"{v.name.split('_')[0]}_seed{seed}.json"
+    if v.knob == "tau_scale" and base.is_file():
+        return float(json.loads(base.read_text())["knob"])
+    return default_knob(v, b)
 
 
 def write(path: Path, d: dict[str, Any]) -> None:
