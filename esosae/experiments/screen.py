@@ -67,6 +67,12 @@ def candidates(source: str) -> tuple[Variant, ...]:
                 note="no curriculum, orthogonality by rows, γ_max 10"),
         Variant(18, "v1_rows", extra=V1 + (("orth_norm", "rows"),), note="v1 with orthogonality by rows"),
         Variant(19, "v1_aux", extra=V1 + aux, note="v1 with AuxK"),
+        Variant(21, "v1_fastema", extra=(("freq_ema", 0.9), ("margin_band", 3.0), ("margin_freeze", 0.0)),
+                note="v1 with the faster EMA and narrower band, no freeze"),
+        Variant(22, "v1_freeze", extra=(("freq_ema", 0.99), ("margin_band", 10.0), ("margin_freeze", 0.3)),
+                note="v1 with the freeze alone"),
+        Variant(20, "v2ctl_const_l1low", schedule="const", extra=(("l1_coeff", 0.01),),
+                note="no curriculum, λ 5× lower (the thresholds set the sparsity)"),
     )
 
 
