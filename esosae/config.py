@@ -359,13 +359,13 @@ class SAEConfig:
     """Upper clamp of the margins, >= 1."""
     margin_lr: NonNegFloat = 0.05
     """Margin step η in μ ← μ·exp(η(log(freq+ε) − log freq_target))."""
-    margin_band: Annotated[float, Range(ge=1)] = 3.0
+    margin_band: Annotated[float, Range(ge=1)] = 10.0
     """Margins move only for features firing outside [target/band, target·band]."""
-    margin_freeze: Fraction = 0.3
+    margin_freeze: Fraction = 0.0
     """Adaptive margins stay put while the schedule progress s(t) is below this."""
     margin_every: PosInt = 10
     """Steps between margin updates."""
-    freq_ema: Decay = 0.9
+    freq_ema: Decay = 0.99
     """Decay of the firing-frequency moving average."""
     freq_eps: PosFloat = 1e-6
     """ε in log(freq + ε), so a silent feature's margin update stays finite."""
@@ -593,8 +593,12 @@ AUTO_DEFAULTS: dict[str, dict[str, float]] = {
 """Defaults of the fields left as None, by source ('lm') or synthetic preset."""
 
 V1_METHOD: dict[str, Any] = {"freq_ema": 0.99, "margin_band": 10.0, "margin_freeze": 0.0}
-"""The SAEConfig fields in which E-SOSAE v1 (docs/METHOD.md §9) differs from today's defaults;
-presets/esosae-v1.json sets them (``python train.py --config presets/esosae-v1.json``)."""
+"""E-SOSAE v1's margin controller (docs/METHOD.md §10), pinned by presets/esosae-v1.json
+(``python train.py --config presets/esosae-v1.json``) whatever the defaults become. The v2
+screening kept it as the default (METHOD.md §9)."""
+RECOVERING_CONTROLLER: dict[str, Any] = {"freq_ema": 0.9, "margin_band": 3.0, "margin_freeze": 0.3}
+"""The controller that recovers from the dense start (METHOD.md §5.1): better on the hard
+planted source, worse on the language model, so not a default (presets/esosae-v2-controller.json)."""
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "data": DataConfig, "sae": SAEConfig, "schedule": ScheduleConfig,

@@ -1,11 +1,11 @@
-"""The v2 margin controller recovers from the curriculum's dense start: at the end of a short
+"""The recovering margin controller (presets/esosae-v2-controller.json) recovers from the curriculum's dense start: at the end of a short
 run, μ's histogram over [μ_min, μ_max] has one mode on every source (v1's ended bimodal on
 the hard source, 56% at μ_min and 32% at μ_max, and 100% at μ_max on the easy one)."""
 
 import pytest
 import torch
 
-from esosae.config import TrainConfig
+from esosae.config import RECOVERING_CONTROLLER, TrainConfig
 from esosae.training.loop import run
 
 BINS = 8
@@ -30,7 +30,8 @@ def modes(mu: torch.Tensor, lo: float, hi: float) -> int:
 
 
 def test_modes_counts_peaks():
-    assert modes(torch.tensor([0.3] * 50 + [3.9] * 40 + [2.0] * 10), 0.25, 4.0) == 2
+    assert modes(torch.tensor([0.3] * 50 + [3.9] * 46 + [2.0] * 4), 0.25, 4.0) == 2  # a 4% bin is below FLOOR
+    assert modes(torch.tensor([0.3] * 50 + [3.9] * 40 + [2.0] * 10), 0.25, 4.0) == 3
     assert modes(torch.tensor([1.0] * 60 + [1.5] * 30 + [2.0] * 10), 0.25, 4.0) == 1
 
 
@@ -47,7 +48,9 @@ SOURCES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("source", SOURCES)
 def test_margins_end_unimodal(source, tmp_path):
-    cfg = TrainConfig.from_dict({**SOURCES[source], "eval": False, "log_every": 50})
+    spec = SOURCES[source]
+    cfg = TrainConfig.from_dict({**spec, "sae": {**spec["sae"], **RECOVERING_CONTROLLER}, "eval": False,
+                                 "log_every": 50})
     model = run(cfg, tmp_path / "run", progress=False).model
     for mu in (model.mu1, model.mu2):
         assert modes(mu, cfg.sae.mu_min, cfg.sae.mu_max) == 1, torch.histc(mu, BINS, cfg.sae.mu_min, cfg.sae.mu_max)

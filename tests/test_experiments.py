@@ -66,14 +66,14 @@ def test_run_configs_follow_method_section_8():
 
 def test_v2_grid_configs():
     """Every v2 variant is a valid run on every source; the single-layer ones get 2·m and their own knob."""
-    from esosae.config import V1_METHOD
+    from esosae.config import RECOVERING_CONTROLLER
     from esosae.experiments.grid import V2_GRID
 
     for src, b in budgets(quick=True).items():
         cfgs = {v.name: train_config(v, b, 3.0, seed=0, run_dir="x") for v in V2_GRID}
         assert (cfgs["batchtopk"].sae.k, cfgs["batchtopk"].sae.m1) == (3, 2 * b.m)
         assert cfgs["jumprelu"].sae.l1_coeff == 3.0 and cfgs["jumprelu"].sae.sparsity == "l0"
-        assert {k: getattr(cfgs["v1"].sae, k) for k in V1_METHOD} == V1_METHOD
+        assert {k: getattr(cfgs["controller"].sae, k) for k in RECOVERING_CONTROLLER} == RECOVERING_CONTROLLER
         assert (cfgs["learned_l0"].sae.margins, cfgs["auxk"].sae.aux_k, cfgs["orth_rows"].sae.orth_norm) == \
             ("learned", 64, "rows")
     assert full_method(V2_GRID).name == "esosae"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from esosae.config import V1_METHOD, ConfigError, SAEConfig, TrainConfig
+from esosae.config import RECOVERING_CONTROLLER, V1_METHOD, ConfigError, SAEConfig, TrainConfig
 from esosae.sae import reference
 from esosae.sae.backend import TORCH
 from esosae.sae.margins import update_margins
@@ -154,12 +154,15 @@ def test_logged_figures():
     mse = out["sq_err"].mean()
     gp = torch.autograd.grad(pen, (model.W_dec1, model.W_dec2), retain_graph=True)
     gm = torch.autograd.grad(mse, (model.W_dec1, model.W_dec2), retain_graph=True)
-    norm = lambda gs: sum(g.square().sum() for g in gs).sqrt().item()  # noqa: E731
+
+    def norm(gs):
+        return sum(g.square().sum() for g in gs).sqrt().item()
+
     assert grad_ratio(pen, mse, (model.W_dec1, model.W_dec2)) == pytest.approx(norm(gp) / norm(gm), rel=1e-5)
 
 
 def test_controller_waits_for_margin_freeze():
-    cfg = SAEConfig(m1=100, m2=0, target_l0=10, l1_coeff=0.1, margin_freeze=0.3)
+    cfg = SAEConfig(m1=100, m2=0, target_l0=10, l1_coeff=0.1, margin_freeze=0.3, margin_band=3.0)
     freq = torch.full((100,), 0.9)
     mu = torch.ones(100)
     assert torch.equal(update_margins(mu, freq, cfg, 0.29), mu)
@@ -177,9 +180,13 @@ def test_config_rules():
         TrainConfig.from_dict({"sae": {"arch": "batchtopk", "k": 9999}})
 
 
-def test_v1_preset():
-    preset = TrainConfig.from_json(Path(__file__).parents[1] / "presets" / "esosae-v1.json")
-    assert {k: getattr(preset.sae, k) for k in V1_METHOD} == V1_METHOD
+@pytest.mark.parametrize("name, fields", [("esosae-v1", V1_METHOD), ("esosae-v2-controller", RECOVERING_CONTROLLER)])
+def test_presets(name, fields):
+    """Each preset pins its controller; v1's is today's default (the screening adopted no change)."""
+    path = Path(__file__).parents[1] / "presets" / f"{name}.json"
+    preset = TrainConfig.from_json(path)
+    assert {k: getattr(preset.sae, k) for k in fields} == fields
+    assert json.loads(path.read_text())["sae"]["arch"] == "esosae"
     today = SAEConfig()
-    assert all(getattr(today, k) != v for k, v in V1_METHOD.items())  # v1 differs in each of them
-    assert json.loads((Path(__file__).parents[1] / "presets" / "esosae-v1.json").read_text())["sae"]["arch"] == "esosae"
+    assert all(getattr(today, k) == v for k, v in V1_METHOD.items())
+    assert all(getattr(today, k) != v for k, v in RECOVERING_CONTROLLER.items())

@@ -19,8 +19,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from esosae.config import (AUTO_DEFAULTS, V1_METHOD, ConfigError, SAEConfig, Synthetic, TrainConfig, choices,
-                           field_specs)
+from esosae.config import (AUTO_DEFAULTS, RECOVERING_CONTROLLER, ConfigError, SAEConfig, Synthetic, TrainConfig,
+                           choices, field_specs)
 
 GRID_FILE = "grid.json"
 """The grid folder's record of its settings, variants and invocations (runner writes, report reads)."""
@@ -73,8 +73,8 @@ LEARNED_L0 = (("margins", "learned"), ("sparsity", "l0"))
 V2_GRID: tuple[Variant, ...] = (
     Variant(0, "batchtopk", arch="batchtopk", note="BatchTopK baseline (B·k per batch, global θ at inference)"),
     Variant(1, "topk", arch="topk", note="TopK baseline (k = target L0)"),
-    Variant(2, "esosae", note="E-SOSAE v2 (today's defaults)"),
-    Variant(3, "v1", extra=tuple(V1_METHOD.items()), note="E-SOSAE v1 (presets/esosae-v1.json)"),
+    Variant(2, "esosae", note="E-SOSAE (today's defaults: v1's controller, METHOD.md §9)"),
+    Variant(3, "controller", extra=tuple(RECOVERING_CONTROLLER.items()), note="the recovering controller"),
     Variant(4, "jumprelu", arch="jumprelu", note="JumpReLU baseline (learned θ, L0 via STE)"),
     Variant(5, "learned_l0", extra=LEARNED_L0, note="learned clamped margins, L0"),
     Variant(6, "auxk", extra=(("aux_k", 64),), note="AuxK dead-feature revival (k_aux = 64)"),
