@@ -190,3 +190,27 @@ def test_presets(name, fields):
     today = SAEConfig()
     assert all(getattr(today, k) == v for k, v in V1_METHOD.items())
     assert all(getattr(today, k) != v for k, v in RECOVERING_CONTROLLER.items())
+
+
+def test_batchtopk_inference_threshold():
+    """The loop keeps θ at the moving average of each batch's smallest kept activation; at
+    inference the model is a JumpReLU with that one θ."""
+    from esosae.training.loop import BATCHTOPK_EMA, update_feature_stats
+
+    cfg = TrainConfig.from_dict({"data": {"source": "synthetic", "synthetic": "easy"},
+                                 "sae": {"arch": "batchtopk", "m1": 32, "k": 3}, "batch_size": 16})
+    model = DualLayerSAE(cfg.sae, 8)
+    model.init_weights(torch.Generator().manual_seed(0))
+    mins = []
+    for step in range(2):
+        out = model(torch.randn(16, 8))
+        assert (out["f1"] > 0).sum() == 48
+        mins.append(out["f1"][out["f1"] > 0].min().item())
+        update_feature_stats(model, out, cfg, step, 16)
+    expect = BATCHTOPK_EMA * mins[0] + (1 - BATCHTOPK_EMA) * mins[1]
+    assert torch.allclose(model.theta1, torch.full((32,), expect))
+    model.eval()
+    x = torch.randn(16, 8)
+    f = model(x)["f1"]
+    ref, _, _ = reference.encode(x, model.W_enc1, model.b_enc1, model.b_dec, model.theta1)
+    assert torch.equal(f, ref) and (f > 0).sum() != 48

@@ -214,7 +214,8 @@ def update_feature_stats(model: DualLayerSAE, out: dict[str, torch.Tensor], cfg:
             kept = dist.min(kept)
         theta = model.theta1
         first = torch.full_like(theta, kept.item()) if step == 0 else theta  # host sync: one scalar
-        theta.copy_(BATCHTOPK_EMA * first + (1 - BATCHTOPK_EMA) * kept)
+        new = BATCHTOPK_EMA * first + (1 - BATCHTOPK_EMA) * kept
+        theta.copy_(torch.where(torch.isfinite(kept), new, theta))  # a batch that kept nothing moves nothing
 
 
 def log_record(model: DualLayerSAE, cfg: TrainConfig, step: int, res: dict[str, Any], x: torch.Tensor,
