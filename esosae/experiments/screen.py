@@ -77,6 +77,8 @@ def candidates(source: str) -> tuple[Variant, ...]:
                 note="v1 with the faster EMA and narrower band, no freeze"),
         Variant(22, "v1_freeze", extra=(("freq_ema", 0.99), ("margin_band", 10.0), ("margin_freeze", 0.3)),
                 note="v1 with the freeze alone"),
+        Variant(23, "v2ctl_tau1", extra=CTL + (("tau_final2", None),),
+                note="recovering controller, one τ_T for both layers (the LM's 0.2/0.55 split was v1's)"),
         Variant(20, "v2ctl_const_l1low", schedule="const", extra=CTL + (("l1_coeff", 0.01),),
                 note="no curriculum, λ 5× lower (the thresholds set the sparsity)"),
     )
