@@ -137,7 +137,7 @@ class DualLayerSAE(nn.Module):
         layer 1's see x − b_dec, layer 2's the residual r, all explain the error e."""
         pre, rows = [], []
         for i, inp in ((1, xc), (2, r)):
-            dead = (getattr(self, f"since_fire{i}") >= self.cfg.aux_dead_tokens).nonzero().squeeze(1)  # (n_i,)
+            dead = (getattr(self, f"since_fire{i}") >= self.cfg.aux_dead_tokens).nonzero().squeeze(1)  # (n_i,) host sync
             W_enc, b_enc, W_dec = (getattr(self, f"{n}{i}") for n in ("W_enc", "b_enc", "W_dec"))
             pre.append(inp @ op(W_enc[:, dead]) + op(b_enc[dead]))  # (B, n_i)
             rows.append(op(W_dec[dead]))  # (n_i, d)
