@@ -359,13 +359,13 @@ class SAEConfig:
     """Upper clamp of the margins, >= 1."""
     margin_lr: NonNegFloat = 0.05
     """Margin step η in μ ← μ·exp(η(log(freq+ε) − log freq_target))."""
-    margin_band: Annotated[float, Range(ge=1)] = 10.0
+    margin_band: Annotated[float, Range(ge=1)] = 3.0
     """Margins move only for features firing outside [target/band, target·band]."""
-    margin_freeze: Fraction = 0.0
+    margin_freeze: Fraction = 0.3
     """Adaptive margins stay put while the schedule progress s(t) is below this."""
     margin_every: PosInt = 10
     """Steps between margin updates."""
-    freq_ema: Decay = 0.99
+    freq_ema: Decay = 0.9
     """Decay of the firing-frequency moving average."""
     freq_eps: PosFloat = 1e-6
     """ε in log(freq + ε), so a silent feature's margin update stays finite."""
@@ -577,11 +577,11 @@ class TrainConfig:
 
 AUTO_DEFAULTS: dict[str, dict[str, float]] = {
     # The embedded language model (SmolLM2-135M, block 6); see README "The default run".
-    # Calibrated on 600 steps × 1,024 tokens (docs/default_run.md): with one τ_T, layer 1
-    # ends 7× sparser than layer 2 (its margins pin at μ_max while everything fires early),
-    # so each layer gets its own τ_T.
+    # One τ_T for both layers under the v2 controller, from the v2 screening
+    # (docs/results/method-v2: 4.45 × 0.2, 2 × 576 features at 8 per layer, the default
+    # run's firing target of 16 / 1,152); v1 needed 0.2 / 0.55 (V1_TAU_FINAL).
     "lm": {"lr": 1e-3, "m": 1152, "target_l0": 16.0, "l1_coeff": 0.5, "l1_coeff_relu": 2.0, "l0_coeff": 1.0,
-           "tau_final": 0.2, "tau_final2": 0.55},
+           "tau_final": 0.89},
     # Planted dictionaries (esosae.data.sources.PRESETS). The hard one (512 atoms in 64
     # dimensions, power-law frequencies down to 0.2%) needs a 4x overcomplete dictionary
     # and a larger step for any architecture to reach its rare atoms in 2,000 steps.
@@ -593,12 +593,13 @@ AUTO_DEFAULTS: dict[str, dict[str, float]] = {
 """Defaults of the fields left as None, by source ('lm') or synthetic preset."""
 
 V1_METHOD: dict[str, Any] = {"freq_ema": 0.99, "margin_band": 10.0, "margin_freeze": 0.0}
-"""E-SOSAE v1's margin controller (docs/METHOD.md §10), pinned by presets/esosae-v1.json
-(``python train.py --config presets/esosae-v1.json``) whatever the defaults become. The v2
-screening kept it as the default (METHOD.md §9)."""
+"""The SAEConfig fields in which E-SOSAE v1 (docs/METHOD.md §10) differs from today's defaults;
+presets/esosae-v1.json sets them (``python train.py --config presets/esosae-v1.json``)."""
+V1_TAU_FINAL: dict[str, tuple[float, float]] = {"lm": (0.2, 0.55)}
+"""v1's (τ_T1, τ_T2) where they differed from today's auto ones: the language model's split
+(layer 1's margins pinned at μ_max under v1's controller; docs/default_run.md)."""
 RECOVERING_CONTROLLER: dict[str, Any] = {"freq_ema": 0.9, "margin_band": 3.0, "margin_freeze": 0.3}
-"""The controller that recovers from the dense start (METHOD.md §5.1): better on the hard
-planted source, worse on the language model, so not a default (presets/esosae-v2-controller.json)."""
+"""The v2 controller (METHOD.md §5.1), today's default; presets/esosae-v2-controller.json pins it."""
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "data": DataConfig, "sae": SAEConfig, "schedule": ScheduleConfig,

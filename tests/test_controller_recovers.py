@@ -1,5 +1,5 @@
-"""The recovering margin controller (presets/esosae-v2-controller.json) recovers from the curriculum's dense start: at the end of a short
-run, μ's histogram over [μ_min, μ_max] has one mode on every source (v1's ended bimodal on
+"""The v2 margin controller (today's default; presets/esosae-v2-controller.json) recovers
+from the curriculum's dense start: at the end of a short run, μ's histogram over [μ_min, μ_max] has one mode on every source (v1's ended bimodal on
 the hard source, 56% at μ_min and 32% at μ_max, and 100% at μ_max on the easy one)."""
 
 import pytest

@@ -182,14 +182,14 @@ def test_config_rules():
 
 @pytest.mark.parametrize("name, fields", [("esosae-v1", V1_METHOD), ("esosae-v2-controller", RECOVERING_CONTROLLER)])
 def test_presets(name, fields):
-    """Each preset pins its controller; v1's is today's default (the screening adopted no change)."""
+    """Each preset pins its controller; the v2 one is today's default (METHOD.md §9)."""
     path = Path(__file__).parents[1] / "presets" / f"{name}.json"
     preset = TrainConfig.from_json(path)
     assert {k: getattr(preset.sae, k) for k in fields} == fields
     assert json.loads(path.read_text())["sae"]["arch"] == "esosae"
     today = SAEConfig()
-    assert all(getattr(today, k) == v for k, v in V1_METHOD.items())
-    assert all(getattr(today, k) != v for k, v in RECOVERING_CONTROLLER.items())
+    assert all(getattr(today, k) == v for k, v in RECOVERING_CONTROLLER.items())
+    assert all(getattr(today, k) != v for k, v in V1_METHOD.items())
 
 
 def test_batchtopk_inference_threshold():

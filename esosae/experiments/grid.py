@@ -5,8 +5,9 @@ changes the initialization seed (the consistency check of run 2). The comparison
 matched total L0 (L0_1 + L0_2): each run's sparsity knob is calibrated to land within
 ±20% of ``Budget.target_l0`` (see ``esosae.experiments.calibrate``):
 
-- E-SOSAE runs (2–9): a factor c on both layers' τ_T (their ratio, the default run's
-  0.2 / 0.55 on the language model, is kept), each layer targeting half the total L0;
+- E-SOSAE runs (2–9): a factor c on both layers' τ_T (their ratio is kept: one τ_T
+  today, v1's 0.2 / 0.55 on the language model for ``v1_taus`` variants), each layer
+  targeting half the total L0;
 - the vanilla ReLU + L1 baseline (0): λ;
 - TopK (1): k = the total target, which fixes L0 exactly (no sweep).
 
@@ -19,7 +20,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from esosae.config import (AUTO_DEFAULTS, RECOVERING_CONTROLLER, ConfigError, SAEConfig, Synthetic, TrainConfig,
+from esosae.config import (AUTO_DEFAULTS, V1_METHOD, V1_TAU_FINAL, ConfigError, SAEConfig, Synthetic, TrainConfig,
                            choices, field_specs)
 
 GRID_FILE = "grid.json"
@@ -42,6 +43,8 @@ class Variant:
     orthogonality: bool = True
     seed_offset: int = 0
     note: str = ""
+    v1_taus: bool = False
+    """Layer 2's τ_T at v1's ratio to layer 1's where v1 had one (esosae.config.V1_TAU_FINAL)."""
     extra: tuple[tuple[str, Any], ...] = ()
     """Further SAEConfig or ScheduleConfig fields, (name, value), set on top of the above."""
 
@@ -73,8 +76,8 @@ LEARNED_L0 = (("margins", "learned"), ("sparsity", "l0"))
 V2_GRID: tuple[Variant, ...] = (
     Variant(0, "batchtopk", arch="batchtopk", note="BatchTopK baseline (B·k per batch, global θ at inference)"),
     Variant(1, "topk", arch="topk", note="TopK baseline (k = target L0)"),
-    Variant(2, "esosae", note="E-SOSAE (today's defaults: v1's controller, METHOD.md §9)"),
-    Variant(3, "controller", extra=tuple(RECOVERING_CONTROLLER.items()), note="the recovering controller"),
+    Variant(2, "esosae", note="E-SOSAE v2 (today's defaults, METHOD.md §9)"),
+    Variant(3, "v1", extra=tuple(V1_METHOD.items()), v1_taus=True, note="E-SOSAE v1 (its controller and τ_T)"),
     Variant(4, "jumprelu", arch="jumprelu", note="JumpReLU baseline (learned θ, L0 via STE)"),
     Variant(5, "learned_l0", extra=LEARNED_L0, note="learned clamped margins, L0"),
     Variant(6, "auxk", extra=(("aux_k", 64),), note="AuxK dead-feature revival (k_aux = 64)"),
@@ -193,6 +196,8 @@ def train_config(v: Variant, b: Budget, knob: float, seed: int, run_dir: str) ->
     if v.arch == "esosae":
         tau1 = auto["tau_final"] * knob
         tau2 = auto.get("tau_final2", auto["tau_final"]) * knob
+        if v.v1_taus and b.source in V1_TAU_FINAL:
+            tau1, tau2 = (t * knob for t in V1_TAU_FINAL[b.source])
         sae.update(m1=b.m, m2=b.m, target_l0=b.target_l0 / 2, margins=v.margins, clamp_margins=v.clamp_margins,
                    gamma_max=1.0 if v.orthogonality else 0.0)
         schedule.update(tau_final=tau1, tau_final2=tau2)

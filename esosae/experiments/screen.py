@@ -38,7 +38,9 @@ AUX_K = {"hard": 32, "lm": 288}
 
 V1 = tuple(V1_METHOD.items())
 CTL = tuple(RECOVERING_CONTROLLER.items())
-"""The v2ctl candidates pin the recovering controller: it was the default while they ran, not since."""
+"""The v2ctl candidates pin the recovering controller (the defaults moved while they ran).
+Every E-SOSAE candidate but ``v2ctl_tau1`` ran with v1's τ_T split on the language model
+(``v1_taus``): 0.2 / 0.55 times the knob."""
 
 
 def candidates(source: str) -> tuple[Variant, ...]:
@@ -48,38 +50,40 @@ def candidates(source: str) -> tuple[Variant, ...]:
     l0 = learned + (("sparsity", "l0"),)
     return (
         Variant(1, "topk", arch="topk", note="TopK baseline"),
-        Variant(2, "v1", extra=V1, note="E-SOSAE v1 (freq_ema 0.99, band 10, no freeze)"),
-        Variant(3, "v2ctl", extra=CTL, note="recovering controller (freq_ema 0.9, band 3, freeze 0.3)"),
-        Variant(4, "learned_l0", extra=CTL + l0, note="learned clamped margins, L0 via STE"),
+        Variant(2, "v1", v1_taus=True, extra=V1, note="E-SOSAE v1 (freq_ema 0.99, band 10, no freeze)"),
+        Variant(3, "v2ctl", v1_taus=True, extra=CTL, note="recovering controller (freq_ema 0.9, band 3, freeze 0.3)"),
+        Variant(4, "learned_l0", v1_taus=True, extra=CTL + l0, note="learned clamped margins, L0 via STE"),
         Variant(5, "batchtopk", arch="batchtopk", note="BatchTopK baseline"),
-        Variant(6, "v2ctl_aux", extra=CTL + aux, note="recovering controller + AuxK"),
-        Variant(7, "learned_l0_aux", extra=CTL + l0 + aux, note="learned margins, L0, AuxK"),
-        Variant(8, "learned_l1", extra=CTL + learned, note="learned clamped margins, L1"),
+        Variant(6, "v2ctl_aux", v1_taus=True, extra=CTL + aux, note="recovering controller + AuxK"),
+        Variant(7, "learned_l0_aux", v1_taus=True, extra=CTL + l0 + aux, note="learned margins, L0, AuxK"),
+        Variant(8, "learned_l1", v1_taus=True, extra=CTL + learned, note="learned clamped margins, L1"),
         Variant(9, "jumprelu", arch="jumprelu", note="JumpReLU baseline (learned θ, L0 via STE)"),
-        Variant(10, "v2ctl_rows", extra=CTL + (("orth_norm", "rows"),), note="orthogonality normalized by rows"),
-        Variant(11, "v2ctl_nogamma", orthogonality=False, extra=CTL, note="no orthogonality (γ = 0)"),
-        Variant(12, "v2ctl_sf03", extra=CTL + (("schedule_fraction", 0.3),),
+        Variant(10, "v2ctl_rows", v1_taus=True, extra=CTL + (("orth_norm", "rows"),),
+                note="orthogonality normalized by rows"),
+        Variant(11, "v2ctl_nogamma", v1_taus=True, orthogonality=False, extra=CTL, note="no orthogonality (γ = 0)"),
+        Variant(12, "v2ctl_sf03", v1_taus=True, extra=CTL + (("schedule_fraction", 0.3),),
                 note="recovering controller, τ reaches τ_T at 30%"),
-        Variant(13, "learned_l0_aux_sf03", extra=CTL + l0 + aux + (("schedule_fraction", 0.3),),
+        Variant(13, "learned_l0_aux_sf03", v1_taus=True, extra=CTL + l0 + aux + (("schedule_fraction", 0.3),),
                 note="learned margins, L0, AuxK, τ reaches τ_T at 30%"),
-        Variant(14, "v2ctl_const", schedule="const", extra=CTL,
+        Variant(14, "v2ctl_const", v1_taus=True, schedule="const", extra=CTL,
                 note="recovering controller, no curriculum (reference point)"),
         Variant(15, "topk_k12", arch="topk", extra=(("k", 12),),
                 note="TopK at k = 12: the L0 the controller settles at"),
-        Variant(16, "v2ctl_const_rows", schedule="const", extra=CTL + (("orth_norm", "rows"),),
+        Variant(16, "v2ctl_const_rows", v1_taus=True, schedule="const", extra=CTL + (("orth_norm", "rows"),),
                 note="no curriculum, orthogonality by rows (γ_max 1)"),
-        Variant(17, "v2ctl_const_rows_g10", schedule="const",
+        Variant(17, "v2ctl_const_rows_g10", v1_taus=True, schedule="const",
                 extra=CTL + (("orth_norm", "rows"), ("gamma_max", 10.0)),
                 note="no curriculum, orthogonality by rows, γ_max 10"),
-        Variant(18, "v1_rows", extra=V1 + (("orth_norm", "rows"),), note="v1 with orthogonality by rows"),
-        Variant(19, "v1_aux", extra=V1 + aux, note="v1 with AuxK"),
-        Variant(21, "v1_fastema", extra=(("freq_ema", 0.9), ("margin_band", 3.0), ("margin_freeze", 0.0)),
+        Variant(18, "v1_rows", v1_taus=True, extra=V1 + (("orth_norm", "rows"),), note="v1 with orthogonality by rows"),
+        Variant(19, "v1_aux", v1_taus=True, extra=V1 + aux, note="v1 with AuxK"),
+        Variant(21, "v1_fastema", v1_taus=True, extra=(("freq_ema", 0.9), ("margin_band", 3.0), ("margin_freeze", 0.0)),
                 note="v1 with the faster EMA and narrower band, no freeze"),
-        Variant(22, "v1_freeze", extra=(("freq_ema", 0.99), ("margin_band", 10.0), ("margin_freeze", 0.3)),
+        Variant(22, "v1_freeze", v1_taus=True,
+                extra=(("freq_ema", 0.99), ("margin_band", 10.0), ("margin_freeze", 0.3)),
                 note="v1 with the freeze alone"),
         Variant(23, "v2ctl_tau1", extra=CTL + (("tau_final2", None),),
                 note="recovering controller, one τ_T for both layers (the LM's 0.2/0.55 split was v1's)"),
-        Variant(20, "v2ctl_const_l1low", schedule="const", extra=CTL + (("l1_coeff", 0.01),),
+        Variant(20, "v2ctl_const_l1low", v1_taus=True, schedule="const", extra=CTL + (("l1_coeff", 0.01),),
                 note="no curriculum, λ 5× lower (the thresholds set the sparsity)"),
     )
 
