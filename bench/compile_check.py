@@ -137,6 +137,8 @@ def compile_case(arch: int, precision: str, shapes: tuple[str, ...]) -> list[Row
         with compile_only(arch) as compiled:
             encoder.encode_forward(x, W_enc, b_enc, b_dec, theta)
             encoder.encode_backward(f, grad_l1, x, W_enc, b_dec, f, (True,) * 4)
+            for l0 in (False, True):  # learned thresholds: the recomputing θ-gradient kernel
+                encoder.encode_backward_theta(f, grad_l1, x, W_enc, b_enc, b_dec, theta, 0.05, l0)
             decoder.decode_forward(f, W_dec, b_dec, x)
             decoder.decode_backward(x, grad_sq, f, W_dec, x, x, (True,) * 4)
             for subset in (tiles, None):  # sampled and exact

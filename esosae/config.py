@@ -50,8 +50,10 @@ Source = Literal["lm", "synthetic"]
 Synthetic = Literal["easy", "hard"]
 CacheDtype = Literal["float16", "bfloat16"]
 Normalize = Literal["expected_norm", "none"]
-Arch = Literal["esosae", "relu", "topk"]
-Margins = Literal["adaptive", "fixed"]
+Arch = Literal["esosae", "relu", "topk", "batchtopk", "jumprelu"]
+Margins = Literal["adaptive", "fixed", "learned"]
+Sparsity = Literal["l1", "l0"]
+OrthNorm = Literal["pairs", "rows"]
 Schedule = Literal["exp", "linear", "const"]
 GammaWarmup = Literal["synced", "linear", "none"]
 KernelBackend = Literal["auto", "triton", "torch"]
@@ -334,21 +336,25 @@ class SAEConfig:
     """The autoencoder: architecture, widths, sparsity, margins and orthogonality."""
 
     arch: Arch = "esosae"
-    """'esosae' (JumpReLU with scheduled thresholds), 'relu' (vanilla ReLU + L1) or 'topk'."""
+    """'esosae' (JumpReLU with scheduled thresholds), 'relu' (ReLU + L1), 'topk', 'batchtopk' or 'jumprelu' (learned θ)."""
     m1: PosInt | None = None
     """Width of layer 1 (default: from the source, see AUTO_DEFAULTS)."""
     m2: NonNegInt | None = None
     """Width of layer 2, trained on layer 1's residual; 0 gives a single-layer SAE (default: m1, or 0 for relu/topk)."""
     k: PosInt | None = None
-    """Active features per token for arch='topk', at most m1 (default: round(target_l0))."""
+    """Active features per token for arch='topk' (per token) and 'batchtopk' (batch mean), at most m1 (default: round(target_l0))."""
     target_l0: PosFloat | None = None
     """Target active features per token per layer, at most each layer's width; sets freq_target = target_l0 / m (default: from the source)."""
     l1_coeff: NonNegFloat | None = None
-    """L1 coefficient λ1 of layer 1 (default: from the source and arch)."""
+    """Sparsity coefficient λ1 of layer 1, on L1 or L0 as ``sparsity`` says (default: from the source and arch)."""
     l1_coeff2: NonNegFloat | None = None
-    """L1 coefficient λ2 of layer 2 (default: same as λ1)."""
+    """Sparsity coefficient λ2 of layer 2 (default: same as λ1)."""
     margins: Margins = "adaptive"
-    """Per-feature margins μ: 'adaptive' (from firing rates) or 'fixed' (μ = 1)."""
+    """Per-feature margins μ: 'adaptive' (from firing rates), 'fixed' (μ = 1) or 'learned' (JumpReLU STE)."""
+    sparsity: Sparsity | None = None
+    """Sparsity term: 'l1' (Σ f) or 'l0' (Σ 1[a > θ], gradient to θ only; needs learned θ). Default: l0 for jumprelu, else l1."""
+    jump_bandwidth: PosFloat = 0.05
+    """ε: width of the rectangle kernel of the threshold's straight-through gradient (learned θ)."""
     clamp_margins: bool = True
     """Clamp μ to [mu_min, mu_max]; False lets μ roam (ablation)."""
     mu_min: OpenFraction = 0.25
@@ -357,11 +363,13 @@ class SAEConfig:
     """Upper clamp of the margins, >= 1."""
     margin_lr: NonNegFloat = 0.05
     """Margin step η in μ ← μ·exp(η(log(freq+ε) − log freq_target))."""
-    margin_band: Annotated[float, Range(ge=1)] = 10.0
+    margin_band: Annotated[float, Range(ge=1)] = 3.0
     """Margins move only for features firing outside [target/band, target·band]."""
+    margin_freeze: Fraction = 0.3
+    """Adaptive margins stay put while the schedule progress s(t) is below this."""
     margin_every: PosInt = 10
     """Steps between margin updates."""
-    freq_ema: Decay = 0.99
+    freq_ema: Decay = 0.9
     """Decay of the firing-frequency moving average."""
     freq_eps: PosFloat = 1e-6
     """ε in log(freq + ε), so a silent feature's margin update stays finite."""
@@ -369,6 +377,14 @@ class SAEConfig:
     """ρ: cosine below which a cross-layer pair costs nothing."""
     gamma_max: NonNegFloat = 1.0
     """Final weight γ_max of the orthogonality penalty (0 disables it)."""
+    orth_norm: OrthNorm = "pairs"
+    """Normalization of the penalty's sum: 'pairs' (1/(m1·m2)) or 'rows' (1/m1)."""
+    aux_k: NonNegInt = 0
+    """AuxK: dead features (of both layers) that reconstruct the residual error per token; 0 disables."""
+    aux_coeff: NonNegFloat = 1 / 32
+    """AuxK loss coefficient."""
+    aux_dead_tokens: PosInt = 50_000
+    """A feature counts as dead for AuxK after this many tokens without firing."""
     orth_every: PosInt = 1
     """Compute the orthogonality penalty every this many steps."""
     orth_block_fraction: OpenFraction | None = None
@@ -376,9 +392,13 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        learned = self.margins == "learned" or self.arch == "jumprelu"
+        _check(self.sparsity != "l0" or learned,
+               f"sparsity=l0 gives a gradient to the thresholds only: use margins=learned or arch=jumprelu "
+               f"(got margins={self.margins}, arch={self.arch})")
         _check(self.arch == "esosae" or not self.m2,
                f"arch={self.arch} is single-layer: set m2=0 (got m2={self.m2})")
-        _check(self.arch != "topk" or None in (self.k, self.m1) or self.k <= self.m1,  # type: ignore[operator]
+        _check(self.arch not in ("topk", "batchtopk") or None in (self.k, self.m1) or self.k <= self.m1,  # type: ignore[operator]
                f"k={self.k} exceeds m1={self.m1}: TopK cannot keep more features than layer 1 has")
         if self.target_l0 is not None:
             for name in ("m1", "m2"):
@@ -386,6 +406,11 @@ class SAEConfig:
                 _check(not width or self.target_l0 <= width,
                        f"target_l0 {self.target_l0:g} exceeds {name}={width}: a layer cannot have more "
                        "active features per token than features")
+
+    @property
+    def learned_thresholds(self) -> bool:
+        """θ trained through the straight-through estimator (margins=learned, or arch=jumprelu)."""
+        return self.margins == "learned" or self.arch == "jumprelu"
 
     @property
     def lambda2(self) -> float:
@@ -499,10 +524,13 @@ class TrainConfig:
             sae.m1 = int(auto["m"])
         if sae.m2 is None:
             sae.m2 = sae.m1 if sae.arch == "esosae" else 0
+        if sae.sparsity is None:
+            sae.sparsity = "l0" if sae.arch == "jumprelu" else "l1"
         if sae.k is None:  # capped at m1 so that a target_l0 past m1 is reported as that, below
             sae.k = max(1, round(min(sae.target_l0, sae.m1)))
         if sae.l1_coeff is None:
-            sae.l1_coeff = auto["l1_coeff_relu" if sae.arch == "relu" else "l1_coeff"]
+            sae.l1_coeff = auto["l1_coeff_relu" if sae.arch == "relu" else
+                                "l0_coeff" if sae.sparsity == "l0" else "l1_coeff"]
         if self.lr is None:
             self.lr = auto["lr"]
         if sched.tau_final is None:
@@ -557,18 +585,29 @@ class TrainConfig:
 
 AUTO_DEFAULTS: dict[str, dict[str, float]] = {
     # The embedded language model (SmolLM2-135M, block 6); see README "The default run".
-    # Calibrated on 600 steps × 1,024 tokens (docs/default_run.md): with one τ_T, layer 1
-    # ends 7× sparser than layer 2 (its margins pin at μ_max while everything fires early),
-    # so each layer gets its own τ_T.
-    "lm": {"lr": 1e-3, "m": 1152, "target_l0": 16.0, "l1_coeff": 0.5, "l1_coeff_relu": 2.0, "tau_final": 0.2,
-           "tau_final2": 0.55},
+    # One τ_T for both layers under the v2 controller, from the v2 screening
+    # (docs/results/method-v2: 4.45 × 0.2, 2 × 576 features at 8 per layer, the default
+    # run's firing target of 16 / 1,152); v1 needed 0.2 / 0.55 (V1_TAU_FINAL).
+    "lm": {"lr": 1e-3, "m": 1152, "target_l0": 16.0, "l1_coeff": 0.5, "l1_coeff_relu": 2.0, "l0_coeff": 1.0,
+           "tau_final": 0.89},
     # Planted dictionaries (esosae.data.sources.PRESETS). The hard one (512 atoms in 64
     # dimensions, power-law frequencies down to 0.2%) needs a 4x overcomplete dictionary
     # and a larger step for any architecture to reach its rare atoms in 2,000 steps.
-    "easy": {"m": 256, "target_l0": 4.0, "l1_coeff": 0.05, "l1_coeff_relu": 1.0, "tau_final": 1.0, "lr": 1e-3},
-    "hard": {"m": 2048, "target_l0": 8.0, "l1_coeff": 0.05, "l1_coeff_relu": 1.0, "tau_final": 1.0, "lr": 5e-3},
+    "easy": {"m": 256, "target_l0": 4.0, "l1_coeff": 0.05, "l1_coeff_relu": 1.0, "l0_coeff": 0.1, "tau_final": 1.0,
+             "lr": 1e-3},
+    "hard": {"m": 2048, "target_l0": 8.0, "l1_coeff": 0.05, "l1_coeff_relu": 1.0, "l0_coeff": 0.5, "tau_final": 1.0,
+             "lr": 5e-3},
 }
 """Defaults of the fields left as None, by source ('lm') or synthetic preset."""
+
+V1_METHOD: dict[str, Any] = {"freq_ema": 0.99, "margin_band": 10.0, "margin_freeze": 0.0}
+"""The SAEConfig fields in which E-SOSAE v1 (docs/METHOD.md §10) differs from today's defaults;
+presets/esosae-v1.json sets them (``python train.py --config presets/esosae-v1.json``)."""
+V1_TAU_FINAL: dict[str, tuple[float, float]] = {"lm": (0.2, 0.55)}
+"""v1's (τ_T1, τ_T2) where they differed from today's auto ones: the language model's split
+(layer 1's margins pinned at μ_max under v1's controller; docs/default_run.md)."""
+RECOVERING_CONTROLLER: dict[str, Any] = {"freq_ema": 0.9, "margin_band": 3.0, "margin_freeze": 0.3}
+"""The v2 controller (METHOD.md §5.1), today's default; presets/esosae-v2-controller.json pins it."""
 
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "data": DataConfig, "sae": SAEConfig, "schedule": ScheduleConfig,

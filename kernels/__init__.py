@@ -12,7 +12,7 @@ sparse (``pairs.PAIRS_MAX_DENSITY``) and the dense kernels elsewhere: what the t
 """
 
 from esosae.kernels.decoder import decode
-from esosae.kernels.encoder import encode
+from esosae.kernels.encoder import encode, encode_learned
 from esosae.kernels.orthogonality import orth_penalty
 
-__all__ = ["decode", "encode", "orth_penalty"]
+__all__ = ["decode", "encode", "encode_learned", "orth_penalty"]

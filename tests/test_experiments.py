@@ -56,12 +56,29 @@ def test_run_configs_follow_method_section_8():
         c = cfgs[r]
         assert (c.sae.m1, c.sae.m2, c.sae.target_l0) == (b.m, b.m, b.target_l0 / 2)
         assert c.schedule.tau_final == pytest.approx(1.5 * auto["tau_final"])
-        assert c.schedule.tau_final_2 == pytest.approx(1.5 * auto["tau_final2"])
+        assert c.schedule.tau_final_2 == pytest.approx(1.5 * auto.get("tau_final2", auto["tau_final"]))
     assert [cfgs[r].schedule.schedule for r in (2, 3, 4)] == ["exp", "linear", "const"]
     assert (cfgs[5].sae.clamp_margins, cfgs[6].sae.margins) == (False, "fixed")
     assert (cfgs[7].schedule.gamma_warmup, cfgs[8].sae.gamma_max, cfgs[2].sae.gamma_max) == ("linear", 0.0, 1.0)
     assert {cfgs[r].seed for r in range(9)} == {3} and cfgs[9].seed == 4
     assert {(c.steps, c.batch_size, c.data.data_seed, c.eval) for c in cfgs.values()} == {(300, 1024, 0, False)}
+
+
+def test_v2_grid_configs():
+    """Every v2 variant is a valid run on every source; the single-layer ones get 2·m and their own knob."""
+    from esosae.config import V1_METHOD, V1_TAU_FINAL
+    from esosae.experiments.grid import V2_GRID
+
+    for src, b in budgets(quick=True).items():
+        cfgs = {v.name: train_config(v, b, 3.0, seed=0, run_dir="x") for v in V2_GRID}
+        assert (cfgs["batchtopk"].sae.k, cfgs["batchtopk"].sae.m1) == (3, 2 * b.m)
+        assert cfgs["jumprelu"].sae.l1_coeff == 3.0 and cfgs["jumprelu"].sae.sparsity == "l0"
+        assert {k: getattr(cfgs["v1"].sae, k) for k in V1_METHOD} == V1_METHOD
+        taus = (cfgs["v1"].schedule.tau_final, cfgs["v1"].schedule.tau_final_2)
+        assert taus == pytest.approx(tuple(3.0 * t for t in V1_TAU_FINAL.get(src, (taus[0] / 3,) * 2)))
+        assert (cfgs["learned_l0"].sae.margins, cfgs["auxk"].sae.aux_k, cfgs["orth_rows"].sae.orth_norm) == \
+            ("learned", 64, "rows")
+    assert full_method(V2_GRID).name == "esosae"
 
 
 @pytest.mark.parametrize("argv, message", [

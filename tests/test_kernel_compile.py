@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-KERNELS = {"_encode_fwd_kernel", "_encode_bwd_dx_kernel", "_encode_bwd_dw_kernel", "_decode_fwd_kernel",
-           "_decode_bwd_df_kernel", "_decode_bwd_dw_kernel", "_orth_fwd_kernel", "_orth_grad_tile_kernel",
-           "_orth_reduce_kernel", "_row_gather_kernel", "_pair_dot_kernel", "_segment_sum_kernel"}
+KERNELS = {"_encode_fwd_kernel", "_encode_bwd_dx_kernel", "_encode_bwd_dw_kernel", "_encode_bwd_theta_kernel",
+           "_decode_fwd_kernel", "_decode_bwd_df_kernel", "_decode_bwd_dw_kernel", "_orth_fwd_kernel",
+           "_orth_grad_tile_kernel", "_orth_reduce_kernel", "_row_gather_kernel", "_pair_dot_kernel",
+           "_segment_sum_kernel"}
 GATHERS = {"_row_gather_kernel", "_pair_dot_kernel", "_segment_sum_kernel"}  # no tensor cores expected
 
 

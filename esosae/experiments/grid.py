@@ -5,8 +5,9 @@ changes the initialization seed (the consistency check of run 2). The comparison
 matched total L0 (L0_1 + L0_2): each run's sparsity knob is calibrated to land within
 ±20% of ``Budget.target_l0`` (see ``esosae.experiments.calibrate``):
 
-- E-SOSAE runs (2–9): a factor c on both layers' τ_T (their ratio, the default run's
-  0.2 / 0.55 on the language model, is kept), each layer targeting half the total L0;
+- E-SOSAE runs (2–9): a factor c on both layers' τ_T (their ratio is kept: one τ_T
+  today, v1's 0.2 / 0.55 on the language model for ``v1_taus`` variants), each layer
+  targeting half the total L0;
 - the vanilla ReLU + L1 baseline (0): λ;
 - TopK (1): k = the total target, which fixes L0 exactly (no sweep).
 
@@ -19,7 +20,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from esosae.config import AUTO_DEFAULTS, ConfigError, Synthetic, TrainConfig, choices
+from esosae.config import (AUTO_DEFAULTS, V1_METHOD, V1_TAU_FINAL, ConfigError, SAEConfig, Synthetic, TrainConfig,
+                           choices, field_specs)
 
 GRID_FILE = "grid.json"
 """The grid folder's record of its settings, variants and invocations (runner writes, report reads)."""
@@ -41,6 +43,10 @@ class Variant:
     orthogonality: bool = True
     seed_offset: int = 0
     note: str = ""
+    v1_taus: bool = False
+    """Layer 2's τ_T at v1's ratio to layer 1's where v1 had one (esosae.config.V1_TAU_FINAL)."""
+    extra: tuple[tuple[str, Any], ...] = ()
+    """Further SAEConfig or ScheduleConfig fields, (name, value), set on top of the above."""
 
     @property
     def slug(self) -> str:
@@ -48,8 +54,10 @@ class Variant:
 
     @property
     def knob(self) -> str:
-        """The sparsity knob the calibration moves: 'tau_scale', 'l1_coeff' or 'k'."""
-        return {"esosae": "tau_scale", "relu": "l1_coeff", "topk": "k"}[self.arch]
+        """The sparsity knob the calibration moves: 'tau_scale', 'l1_coeff' (λ of L1, or of L0 for
+        jumprelu) or 'k'."""
+        return {"esosae": "tau_scale", "relu": "l1_coeff", "topk": "k", "batchtopk": "k",
+                "jumprelu": "l1_coeff"}[self.arch]
 
 
 METHOD_GRID: tuple[Variant, ...] = (
@@ -64,7 +72,21 @@ METHOD_GRID: tuple[Variant, ...] = (
     Variant(8, "no_orth", orthogonality=False, note="no orthogonality (γ = 0)"),
     Variant(9, "esosae_seed1", seed_offset=1, note="second seed of run 2 (consistency)"),
 )
-GRIDS = {"method": METHOD_GRID}
+LEARNED_L0 = (("margins", "learned"), ("sparsity", "l0"))
+V2_GRID: tuple[Variant, ...] = (
+    Variant(0, "batchtopk", arch="batchtopk", note="BatchTopK baseline (B·k per batch, global θ at inference)"),
+    Variant(1, "topk", arch="topk", note="TopK baseline (k = target L0)"),
+    Variant(2, "esosae", note="E-SOSAE v2 (today's defaults, METHOD.md §9)"),
+    Variant(3, "v1", extra=tuple(V1_METHOD.items()), v1_taus=True, note="E-SOSAE v1 (its controller and τ_T)"),
+    Variant(4, "jumprelu", arch="jumprelu", note="JumpReLU baseline (learned θ, L0 via STE)"),
+    Variant(5, "learned_l0", extra=LEARNED_L0, note="learned clamped margins, L0"),
+    Variant(6, "auxk", extra=(("aux_k", 64),), note="AuxK dead-feature revival (k_aux = 64)"),
+    Variant(7, "orth_rows", extra=(("orth_norm", "rows"),), note="orthogonality normalized by rows (1/m1)"),
+    Variant(8, "no_orth", orthogonality=False, note="no orthogonality (γ = 0)"),
+    Variant(9, "esosae_seed1", seed_offset=1, note="second seed of run 2 (consistency)"),
+)
+"""The v2 comparison (``--grid v2``): the baselines, v2, v1 and each v2 mechanism alone."""
+GRIDS = {"method": METHOD_GRID, "v2": V2_GRID}
 
 IDENTITY = ("run", "name", "note")
 """The fields of a Variant that name it; every other field is a setting."""
@@ -155,7 +177,7 @@ def default_knob(v: Variant, b: Budget) -> float:
     if v.knob == "tau_scale":
         return 1.0
     if v.knob == "l1_coeff":
-        return float(AUTO_DEFAULTS[b.source]["l1_coeff_relu"])
+        return float(AUTO_DEFAULTS[b.source]["l0_coeff" if v.arch == "jumprelu" else "l1_coeff_relu"])
     return float(round(b.target_l0))
 
 
@@ -174,15 +196,19 @@ def train_config(v: Variant, b: Budget, knob: float, seed: int, run_dir: str) ->
     if v.arch == "esosae":
         tau1 = auto["tau_final"] * knob
         tau2 = auto.get("tau_final2", auto["tau_final"]) * knob
+        if v.v1_taus and b.source in V1_TAU_FINAL:
+            tau1, tau2 = (t * knob for t in V1_TAU_FINAL[b.source])
         sae.update(m1=b.m, m2=b.m, target_l0=b.target_l0 / 2, margins=v.margins, clamp_margins=v.clamp_margins,
                    gamma_max=1.0 if v.orthogonality else 0.0)
         schedule.update(tau_final=tau1, tau_final2=tau2)
     else:
         sae.update(m1=2 * b.m, m2=0, target_l0=b.target_l0)
-        if v.arch == "relu":
+        if v.knob == "l1_coeff":
             sae["l1_coeff"] = knob
         else:
             sae["k"] = int(round(knob))
+    for name, value in v.extra:
+        (sae if name in field_specs(SAEConfig) else schedule)[name] = value
     d: dict[str, Any] = {"data": data, "sae": sae, "schedule": schedule, "steps": b.steps,
                          "batch_size": b.batch_size, "seed": seed + v.seed_offset, "eval": False,
                          "log_every": max(1, b.steps // 100), "checkpoint_every": max(1, b.steps // 6),

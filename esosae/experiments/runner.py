@@ -216,7 +216,7 @@ class GridFlags:
     """The flags of ``python -m esosae.experiments`` (esosae.args builds the parser from these)."""
 
     grid: str = "method"
-    """Which grid: method, the ten runs of METHOD.md §8."""
+    """Which grid: method (the ten runs of METHOD.md §8) or v2 (baselines, v1, v2 and each v2 mechanism)."""
     out: str | None = None
     """Output folder (default: experiments/method, or experiments/quick with --quick)."""
     quick: bool = False

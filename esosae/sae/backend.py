@@ -3,7 +3,9 @@
 ``auto`` is ``triton`` when CUDA is present and ``torch`` otherwise. ``triton`` on a machine
 without CUDA is allowed only under ``TRITON_INTERPRET=1`` (Triton's CPU interpreter, used
 by the tests). Both backends expose the same three functions with the same signatures, so
-the model and the trainer run one code path whichever is chosen. ``torch`` is
+the model and the trainer run one code path whichever is chosen. ``encode_learned`` (θ
+trained through the straight-through estimator) is the reference's dense path on the
+CPU: it needs every pre-activation near θ, which the sparse CPU encoder never forms. ``torch`` is
 ``esosae.sae.torch_ops``: the reference's math (``esosae.sae.reference``, the oracle) with the
 work cut to what a sparse SAE needs on the CPU.
 
@@ -35,6 +37,7 @@ class Backend:
     encode: Callable  # (x, W_enc, b_enc, b_dec, theta) -> (f, row_l1, fire_count)
     decode: Callable  # (f, W_dec, bias, target) -> (x_hat, row_sq_err)
     orth_penalty: Callable  # (W_dec1, W_dec2, margin, tiles) -> scalar
+    encode_learned: Callable = torch_ops.encode_learned  # (x, W_enc, b_enc, b_dec, theta, eps, l0) -> (f, row, fire)
 
 
 TORCH = Backend("torch", torch_ops.encode, torch_ops.decode, torch_ops.orth_penalty)
@@ -63,7 +66,7 @@ def get_backend(name: str, device: torch.device, pairs_max_density: float | None
     if device.type != "cuda" and not interpreting():
         raise BackendError("--backend triton needs a CUDA device, or TRITON_INTERPRET=1 to run "
                            "the kernels on the CPU (slow; for tests); use --backend torch")
-    from esosae.kernels import orth_penalty, sparse
+    from esosae.kernels import encode_learned, orth_penalty, sparse
     from esosae.kernels.utils import UnsupportedArchError, arch_family
 
     if device.type == "cuda":
@@ -73,7 +76,7 @@ def get_backend(name: str, device: torch.device, pairs_max_density: float | None
             raise BackendError(str(e)) from None
     encode = sparse.encode if pairs_max_density is None else functools.partial(sparse.encode,
                                                                                max_density=pairs_max_density)
-    return Backend("triton", encode, sparse.decode, orth_penalty)
+    return Backend("triton", encode, sparse.decode, orth_penalty, encode_learned)
 
 
 def path(f: torch.Tensor) -> str:

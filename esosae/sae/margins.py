@@ -8,6 +8,11 @@
     μ_i  ← clamp(μ_i, μ_min, μ_max)                                      (unless unclamped)
 
 A feature firing too rarely gets a lower threshold θ_i = τ(t)·μ_i, a dense one a higher one.
+No update happens while the schedule progress s(t) < margin_freeze: under ``exp`` nearly
+every feature fires early on, and updates then only push μ to μ_max.
+
+Learned margins (``margins='learned'``) are trained by the optimizer instead; after each
+step ``project_margins`` keeps them in [μ_min, μ_max] (μ ≥ 0 for ``arch='jumprelu'``).
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ def update_freq(freq: torch.Tensor, fire_count: torch.Tensor, n_tokens: int, dec
     return decay * freq + (1.0 - decay) * (fire_count.to(freq.dtype) / n_tokens)  # (m,)
 
 
-def update_margins(mu: torch.Tensor, freq: torch.Tensor, cfg: SAEConfig) -> torch.Tensor:
-    """The §5 update for one layer; returns μ unchanged when margins are fixed."""
-    if cfg.margins == "fixed":
+def update_margins(mu: torch.Tensor, freq: torch.Tensor, cfg: SAEConfig, progress: float) -> torch.Tensor:
+    """The §5 update for one layer at schedule progress s(t); μ unchanged unless margins are
+    adaptive and s(t) ≥ margin_freeze."""
+    if cfg.margins != "adaptive" or progress < cfg.margin_freeze:
         return mu
     target = freq_target(cfg, mu.numel())
     outside = (freq < target / cfg.margin_band) | (freq > target * cfg.margin_band)  # (m,)
@@ -40,9 +46,18 @@ def update_margins(mu: torch.Tensor, freq: torch.Tensor, cfg: SAEConfig) -> torc
     return mu
 
 
+@torch.no_grad()
+def project_margins(mu: torch.Tensor, cfg: SAEConfig) -> None:
+    """Learned μ back into [μ_min, μ_max] (or ≥ 0 for jumprelu and unclamped) in place."""
+    if cfg.arch == "jumprelu" or not cfg.clamp_margins:
+        mu.clamp_(min=0.0)
+    else:
+        mu.clamp_(cfg.mu_min, cfg.mu_max)
+
+
 def effective_margins(mu: torch.Tensor, cfg: SAEConfig) -> torch.Tensor:
     """clamp(μ, μ_min, μ_max) for the threshold θ = τ·clamp(μ); raw μ when unclamped."""
-    return mu.clamp(cfg.mu_min, cfg.mu_max) if cfg.clamp_margins else mu
+    return mu.clamp(cfg.mu_min, cfg.mu_max) if cfg.clamp_margins and cfg.arch != "jumprelu" else mu
 
 
 def pinned_fractions(mu: torch.Tensor, cfg: SAEConfig) -> tuple[float, float]:

@@ -4,6 +4,13 @@
   residual r = x − x̂1 that layer 1 left; m2 = 0 gives a single-layer SAE.
 - ``arch='relu'``: vanilla ReLU + L1 (θ = 0), single layer.
 - ``arch='topk'``: TopK (k active features), single layer.
+- ``arch='batchtopk'``: BatchTopK (the B·k largest activations of the batch) in training;
+  at inference a JumpReLU with one global threshold θ (the loop's running estimate).
+- ``arch='jumprelu'``: single-layer JumpReLU with a learned θ = τ_T·μ (μ trained).
+
+``margins='learned'`` (and ``jumprelu``) make μ a parameter trained through the
+straight-through estimator (``reference.encode_learned``); ``aux_k > 0`` adds the AuxK
+loss of the dead features (``reference.auxk_loss``) to ``forward``'s output.
 
 The model works on normalized inputs s·x (METHOD.md §1). ``save`` folds s into the weights
 (W_enc·s, W_dec/s, b_dec/s), so a saved SAE maps raw activations and needs no scale.
@@ -54,10 +61,15 @@ class DualLayerSAE(nn.Module):
         # Adaptive state (METHOD.md §5) and bookkeeping; buffers travel with checkpoints.
         for i, m in ((1, m1), (2, m2)):
             self.register_buffer(f"theta{i}", torch.zeros(m))  # current θ = τ·clamp(μ)
-            self.register_buffer(f"mu{i}", torch.ones(m))
+            if cfg.learned_thresholds:
+                setattr(self, f"mu{i}", nn.Parameter(torch.ones(m), requires_grad=m > 0))
+            else:
+                self.register_buffer(f"mu{i}", torch.ones(m))
             self.register_buffer(f"freq{i}", torch.full((m,), freq_target(cfg, max(m, 1))))
             self.register_buffer(f"since_fire{i}", torch.zeros(m, dtype=torch.int64))  # tokens
         self.register_buffer("zero_bias", torch.zeros(d), persistent=False)
+        self.taus = (0.0, 0.0)
+        """τ_1(t), τ_2(t) of the current step (learned θ = τ·μ keeps μ's gradient)."""
 
     @property
     def layers(self) -> int:
@@ -89,22 +101,47 @@ class DualLayerSAE(nn.Module):
             return t if dtype is None else t.to(dtype)
 
         x = op(x)
-        if self.cfg.arch == "topk":
-            f1, l1_1, fire1 = reference.topk_encode(x, op(self.W_enc1), op(self.b_enc1), op(self.b_dec), self.cfg.k)
+        cfg, b_dec = self.cfg, op(self.b_dec)
+        if cfg.arch == "topk":
+            f1, l1_1, fire1 = reference.topk_encode(x, op(self.W_enc1), op(self.b_enc1), b_dec, cfg.k)
+        elif cfg.arch == "batchtopk" and self.training:
+            f1, l1_1, fire1 = reference.batchtopk_encode(x, op(self.W_enc1), op(self.b_enc1), b_dec, cfg.k)
         else:
-            f1, l1_1, fire1 = ops.encode(x, op(self.W_enc1), op(self.b_enc1), op(self.b_dec), self.theta1)
+            f1, l1_1, fire1 = self._encode(1, x, op(self.W_enc1), op(self.b_enc1), b_dec, ops)
         W_dec1, W_dec2 = op(self.W_dec1), op(self.W_dec2)
-        x_hat, sq_err = ops.decode(f1, W_dec1, op(self.b_dec), x)  # (B, d), (B,)
+        x_hat, sq_err = ops.decode(f1, W_dec1, b_dec, x)  # (B, d), (B,)
         out = {"f1": f1, "l1_1": l1_1, "fire1": fire1}
-        if self.cfg.m2 > 0:
-            r = x - x_hat  # (B, d): gradients flow through r into layer 1
+        r = x - x_hat  # (B, d): gradients flow through r into layer 1
+        if cfg.m2 > 0:
             zero = op(self.zero_bias)
-            f2, l1_2, fire2 = ops.encode(r, op(self.W_enc2), op(self.b_enc2), zero, self.theta2)
+            f2, l1_2, fire2 = self._encode(2, r, op(self.W_enc2), op(self.b_enc2), zero, ops)
             r_hat, sq_err = ops.decode(f2, W_dec2, zero, r)
             x_hat = x_hat + r_hat
             out.update(f2=f2, l1_2=l1_2, fire2=fire2)
         out.update(x_hat=x_hat.to(param_dtype), sq_err=sq_err, W_dec=(W_dec1, W_dec2))
+        if cfg.aux_k > 0 and self.training and torch.is_grad_enabled():
+            out["aux"] = self.aux_loss(x - b_dec, r.detach(), (x - x_hat).detach(), op)
         return out
+
+    def _encode(self, i: int, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
+                ops: Backend) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer i's JumpReLU: θ = τ_i·μ_i with μ's gradient when learned and training, else the θ buffer."""
+        if self.cfg.learned_thresholds and self.training and torch.is_grad_enabled():
+            theta = self.taus[i - 1] * getattr(self, f"mu{i}")  # (m,), differentiable in μ
+            return ops.encode_learned(x, W_enc, b_enc, b_dec, theta, self.cfg.jump_bandwidth,
+                                      self.cfg.sparsity == "l0")
+        return ops.encode(x, W_enc, b_enc, b_dec, getattr(self, f"theta{i}"))
+
+    def aux_loss(self, xc: torch.Tensor, r: torch.Tensor, e: torch.Tensor, op: Any) -> torch.Tensor:
+        """AuxK over the dead features of both layers together (``reference.auxk_loss``):
+        layer 1's see x − b_dec, layer 2's the residual r, all explain the error e."""
+        pre, rows = [], []
+        for i, inp in ((1, xc), (2, r)):
+            dead = (getattr(self, f"since_fire{i}") >= self.cfg.aux_dead_tokens).nonzero().squeeze(1)  # (n_i,) host sync
+            W_enc, b_enc, W_dec = (getattr(self, f"{n}{i}") for n in ("W_enc", "b_enc", "W_dec"))
+            pre.append(inp @ op(W_enc[:, dead]) + op(b_enc[dead]))  # (B, n_i)
+            rows.append(op(W_dec[dead]))  # (n_i, d)
+        return reference.auxk_loss(e, torch.cat(pre, 1), torch.cat(rows, 0), self.cfg.aux_k)
 
     @torch.no_grad()
     def remove_parallel_grads(self) -> None:

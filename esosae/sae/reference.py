@@ -10,6 +10,14 @@ Dual-layer model (residual stacking), batch B, input width d, widths m1 and m2:
     x̂  = x̂1 + f2 W_dec2
     L  = mean_b ‖x − x̂‖² + λ1 mean_b Σ f1 + λ2 mean_b Σ f2 + γ · L_orth(W_dec1, W_dec2)
     L_orth = (1 / (m1·m2)) Σ_ij max(0, |⟨W_dec1[i], W_dec2[j]⟩| − ρ)²
+
+Learned thresholds (``encode_learned``) train θ through the straight-through estimator of
+Rajamanoharan et al. 2024 ("Jumping Ahead"), with the rectangle kernel K(u) = 1[|u| < ½]
+of bandwidth ε:
+
+    ∂f/∂θ := −(θ/ε) K((a − θ)/ε)          ∂1[a > θ]/∂θ := −(1/ε) K((a − θ)/ε)
+
+and ∂f/∂a = 1[a > θ], ∂1[a > θ]/∂a = 0 (the L0 term trains θ alone).
 """
 
 from __future__ import annotations
@@ -45,6 +53,77 @@ def encode(
     f = a * mask
     row_l1 = f.to(_acc_dtype(f)).sum(-1)  # (B,)
     fire_count = mask.sum(0, dtype=torch.int32)  # (m,)
+    return f, row_l1, fire_count
+
+
+def _window(a: torch.Tensor, theta: torch.Tensor, eps: float) -> torch.Tensor:
+    """K((a − θ)/ε) = 1[|a − θ| < ε/2] as a's dtype (the rectangle kernel)."""
+    return ((a - theta).abs() < eps / 2).to(a.dtype)
+
+
+class JumpReLU(torch.autograd.Function):
+    """f = a·1[a > θ]; grad_a = g·1[a > θ], grad_θ = Σ_rows −(θ/ε)·K((a − θ)/ε)·g."""
+
+    @staticmethod
+    def forward(ctx, a, theta, eps):
+        ctx.save_for_backward(a, theta)
+        ctx.eps = eps
+        return a * (a > theta)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, theta = ctx.saved_tensors
+        grad_theta = (-(theta / ctx.eps) * _window(a, theta, ctx.eps) * g).sum(0)  # (m,)
+        return g * (a > theta), grad_theta, None
+
+
+class Step(torch.autograd.Function):
+    """H = 1[a > θ] as a's dtype; grad_a = 0, grad_θ = Σ_rows −(1/ε)·K((a − θ)/ε)·g."""
+
+    @staticmethod
+    def forward(ctx, a, theta, eps):
+        ctx.save_for_backward(a, theta)
+        ctx.eps = eps
+        return (a > theta).to(a.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, theta = ctx.saved_tensors
+        return None, (-(1 / ctx.eps) * _window(a, theta, ctx.eps) * g).sum(0), None
+
+
+def encode_learned(
+    x: torch.Tensor,  # (B, d)
+    W_enc: torch.Tensor,  # (d, m)
+    b_enc: torch.Tensor,  # (m,)
+    b_dec: torch.Tensor,  # (d,)
+    theta: torch.Tensor,  # (m,) θ ≥ 0, trained
+    eps: float,  # ε, the kernel's bandwidth
+    l0: bool,  # the row's sparsity is Σ 1[a > θ] (True) or Σ f (False)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """JumpReLU encoder with a threshold gradient: (f, row_sparsity, fire_count).
+
+    Same forward as ``encode``; row_sparsity is row_l1 = Σ_j f, or row_l0 = Σ_j 1[a > θ]
+    with ``l0``. θ's gradient is the straight-through estimate of the module doc.
+    """
+    a = (x - b_dec) @ W_enc + b_enc  # (B, m)
+    f = JumpReLU.apply(a, theta, eps)
+    row = Step.apply(a, theta, eps).sum(-1) if l0 else f.sum(-1)  # (B,)
+    fire_count = (a > theta).sum(0, dtype=torch.int32)  # (m,)
+    return f, row.to(_acc_dtype(f)), fire_count
+
+
+def batchtopk_encode(
+    x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BatchTopK (Bussmann et al. 2024): keep the B·k largest of relu(a) over the whole
+    batch, so k is the batch's mean L0; same outputs as ``encode``."""
+    a = torch.relu((x - b_dec) @ W_enc + b_enc)  # (B, m)
+    flat = a.flatten()
+    vals, idx = flat.topk(min(k * a.shape[0], flat.numel()), sorted=False)  # (B·k,)
+    f = torch.zeros_like(flat).scatter(0, idx, vals).view_as(a)
+    row_l1 = f.to(_acc_dtype(f)).sum(-1)
+    fire_count = (f > 0).sum(0, dtype=torch.int32)
     return f, row_l1, fire_count
 
 
@@ -113,6 +192,29 @@ def orth_penalty(
         pen = pen * mask
         scale *= (n1 * n2) / tiles.shape[0]
     return pen.to(_acc_dtype(pen)).sum() * scale
+
+
+def orth_scale(norm: str, m1: int, m2: int) -> float:
+    """Factor from the 'pairs' penalty (1/(m1·m2) Σ) to ``norm``'s: 1, or m2 for 'rows'
+    (1/m1 Σ, which does not vanish as the layers widen)."""
+    return float(m2) if norm == "rows" else 1.0
+
+
+def auxk_loss(
+    e: torch.Tensor,  # (B, d) the residual error x − x̂ to explain, no gradient
+    a_dead: torch.Tensor,  # (B, n) pre-activations of the dead features
+    W_dead: torch.Tensor,  # (n, d) their decoder rows
+    k_aux: int,
+) -> torch.Tensor:
+    """AuxK (Gao et al. 2024): ê = TopK_{k_aux}(relu(a_dead)) W_dead and
+    L_aux = mean_b ‖e − ê‖² / mean_b ‖e‖², so dead features get a gradient toward what
+    the live ones miss. 0 when nothing is dead."""
+    if a_dead.shape[1] == 0:
+        return e.new_zeros(())
+    a = torch.relu(a_dead)
+    vals, idx = a.topk(min(k_aux, a.shape[1]), dim=-1, sorted=False)  # (B, k_aux)
+    e_hat = torch.zeros_like(a).scatter(-1, idx, vals) @ W_dead  # (B, d)
+    return (e - e_hat).square().sum(-1).mean() / e.square().sum(-1).mean().clamp_min(1e-12)
 
 
 def orth_penalty_gram(W_dec1: torch.Tensor, W_dec2: torch.Tensor) -> torch.Tensor:

@@ -393,6 +393,13 @@ def encode(
     return f, row_l1, fire
 
 
+def encode_learned(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
+                   theta: torch.Tensor, eps: float, l0: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``reference.encode_learned``, dense: θ's gradient needs every pre-activation within ε/2
+    of θ, including the ones below it that the sparse encoder drops."""
+    return reference.encode_learned(x, W_enc, b_enc, b_dec, theta, eps, l0)
+
+
 # -- decoder ---------------------------------------------------------------------------
 
 

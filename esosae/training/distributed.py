@@ -46,6 +46,12 @@ class Dist:
         torch_dist.all_reduce(total, op=torch_dist.ReduceOp.SUM)
         return total
 
+    def min(self, value: torch.Tensor) -> torch.Tensor:
+        """A scalar's minimum over ranks (BatchTopK's kept-activation floor)."""
+        value = value.clone()
+        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MIN)
+        return value
+
     def any(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is true on any rank (e.g. one rank saw Ctrl-C)."""
         t = torch.tensor([int(flag)], device=self.device)

@@ -33,15 +33,19 @@ from esosae.run.checkpoint import resume_checkpoint, save_checkpoint
 from esosae.run.layout import CONFIG_FILE, METRICS_FILE, SAE_DIR, Claim, truncate_metrics
 from esosae.sae import backend, precision, schedules
 from esosae.sae.backend import Backend, get_backend, resolve_device
-from esosae.sae.margins import effective_margins, pinned_fractions, update_freq, update_margins
+from esosae.sae.margins import effective_margins, pinned_fractions, project_margins, update_freq, update_margins
 from esosae.sae.model import DualLayerSAE
-from esosae.sae.reference import sample_tiles
+from esosae.sae.reference import orth_scale, sample_tiles
 from esosae.training.distributed import Dist
 from esosae.training.optim import Adam
 from esosae.training.profiling import NO_RANGES, Ranges, StepTimer, dense_flops_per_token, gemm_peak_tflops, torch_trace
 from esosae.training.tracking import Tracker, open_tracker
 
 COS_SAMPLE = 512
+COS_HIGH = 0.9
+"""Cosine above which a cross-layer pair of decoder rows counts as a near-duplicate (logged)."""
+BATCHTOPK_EMA = 0.99
+"""Decay of BatchTopK's inference threshold: a moving average of the batch's smallest kept activation."""
 
 
 class RunError(UserError):
@@ -71,6 +75,27 @@ def cosine_sample(model: DualLayerSAE, generator: torch.Generator) -> tuple[floa
     return c.max().item(), c.mean().item()  # host sync (logging steps only)
 
 
+@torch.no_grad()
+def count_high_cosines(model: DualLayerSAE, chunk: int = 1024) -> int:
+    """Cross-layer pairs (i, j) with |c_ij| > COS_HIGH over all m1×m2 pairs, chunk rows at a time."""
+    W1, W2 = model.W_dec1, model.W_dec2
+    return sum(int(((W1[i:i + chunk] @ W2.T).abs() > COS_HIGH).sum()) for i in range(0, W1.shape[0], chunk))
+
+
+def grad_ratio(penalty: torch.Tensor, mse: torch.Tensor, W_dec: tuple[torch.Tensor, ...]) -> float:
+    """‖∇_{W_dec} γ·L_orth‖ / ‖∇_{W_dec} MSE‖ over both decoders: how much the penalty pulls
+    against the reconstruction (an extra backward; logging steps only)."""
+    if not penalty.requires_grad:
+        return 0.0
+    g_pen = torch.autograd.grad(penalty, W_dec, retain_graph=True, allow_unused=True)
+    g_mse = torch.autograd.grad(mse, W_dec, retain_graph=True, allow_unused=True)
+
+    def norm(gs: tuple[torch.Tensor | None, ...]) -> float:
+        return math.sqrt(sum(float(g.float().square().sum()) for g in gs if g is not None))
+
+    return norm(g_pen) / max(norm(g_mse), 1e-30)  # host sync
+
+
 # -- the loop --------------------------------------------------------------------------
 
 
@@ -88,12 +113,18 @@ def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
     return generator("train", seed, step, stream)
 
 
+@torch.no_grad()
 def set_thresholds(model: DualLayerSAE, cfg: TrainConfig, step: int) -> tuple[float, float]:
-    """θ_l = τ_l(t) · clamp(μ_l) for the JumpReLU layers (θ = 0 for the ReLU baseline)."""
-    if cfg.sae.arch != "esosae":
+    """θ_l = τ_l(t) · clamp(μ_l) for the JumpReLU layers; jumprelu's θ = τ_T·μ (no schedule);
+    the ReLU, TopK and BatchTopK baselines keep their own θ (0, or BatchTopK's estimate)."""
+    if cfg.sae.arch == "jumprelu":
+        tau1 = tau2 = cfg.schedule.tau_final
+    elif cfg.sae.arch == "esosae":
+        tau1 = schedules.tau(step, cfg.steps, cfg.schedule, cfg.schedule.tau_final)
+        tau2 = schedules.tau(step, cfg.steps, cfg.schedule, cfg.schedule.tau_final_2)
+    else:
         return 0.0, 0.0
-    tau1 = schedules.tau(step, cfg.steps, cfg.schedule, cfg.schedule.tau_final)
-    tau2 = schedules.tau(step, cfg.steps, cfg.schedule, cfg.schedule.tau_final_2)
+    model.taus = (tau1, tau2)
     model.theta1.copy_(tau1 * effective_margins(model.mu1, cfg.sae))
     model.theta2.copy_(tau2 * effective_margins(model.mu2, cfg.sae))
     return tau1, tau2
@@ -102,12 +133,13 @@ def set_thresholds(model: DualLayerSAE, cfg: TrainConfig, step: int) -> tuple[fl
 def train_step(model: DualLayerSAE, opt: torch.optim.Optimizer, ops: Backend, x: torch.Tensor,
                cfg: TrainConfig, step: int, dist: Dist | None = None,
                net: torch.nn.Module | None = None, timer: StepTimer | None = None,
-               ranges: Ranges = NO_RANGES) -> dict[str, Any]:
+               ranges: Ranges = NO_RANGES, diagnose: bool = False) -> dict[str, Any]:
     """One optimizer step on the normalized batch x (B, d); returns the step's tensors.
 
     ``net`` is the module to run forward (the DDP wrapper of ``model`` under torchrun,
     whose backward averages gradients over ranks); ``model`` itself by default. ``timer``
     splits the step into forward / backward / optimizer phases when it is measuring.
+    ``diagnose`` (logging steps) adds the orthogonality-to-reconstruction gradient ratio.
     """
     sae_cfg = cfg.sae
     prec = precision.resolve(cfg.dtype, x.device, ops.name)
@@ -122,7 +154,7 @@ def train_step(model: DualLayerSAE, opt: torch.optim.Optimizer, ops: Backend, x:
     with precision.matmul_precision(prec), ranges("sae_forward"):
         out = (net or model)(x, ops, dtype)
     mse = out["sq_err"].mean()
-    l1 = lam1 * out["l1_1"].mean() if sae_cfg.arch != "topk" else torch.zeros((), device=x.device)
+    l1 = lam1 * out["l1_1"].mean() if "topk" not in sae_cfg.arch else torch.zeros((), device=x.device)
     if model.layers == 2:
         l1 = l1 + lam2 * out["l1_2"].mean()
     orth = torch.zeros((), device=x.device)
@@ -131,7 +163,10 @@ def train_step(model: DualLayerSAE, opt: torch.optim.Optimizer, ops: Backend, x:
         tiles = sample_tiles(sae_cfg.m1, sae_cfg.m2, cfg.orth_block_fraction, step_generator(cfg.seed, step, 1))
         with precision.matmul_precision(prec):
             orth = ops.orth_penalty(*out["W_dec"], sae_cfg.orth_margin, tiles)  # the decoders as cast for the step
-    loss = mse + l1 + gamma * orth
+        orth = orth * orth_scale(sae_cfg.orth_norm, sae_cfg.m1, sae_cfg.m2)
+    aux = out.get("aux", torch.zeros((), device=x.device))
+    loss = mse + l1 + gamma * orth + sae_cfg.aux_coeff * aux
+    ratio = grad_ratio(gamma * orth, mse, (model.W_dec1, model.W_dec2)) if diagnose and gamma > 0 else None
     if timer is not None:
         timer.mark("forward")
 
@@ -146,10 +181,14 @@ def train_step(model: DualLayerSAE, opt: torch.optim.Optimizer, ops: Backend, x:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         model.normalize_decoder()
+        if sae_cfg.learned_thresholds:
+            for i in range(1, model.layers + 1):
+                project_margins(getattr(model, f"mu{i}"), sae_cfg)
+            set_thresholds(model, cfg, step)  # θ buffers follow the stepped μ (saved, and used at inference)
         update_feature_stats(model, out, cfg, step, x.shape[0], dist)
     if timer is not None:
         timer.mark("optimizer")
-    return {"out": out, "loss": loss, "mse": mse, "l1": l1, "orth": orth,
+    return {"out": out, "loss": loss, "mse": mse, "l1": l1, "orth": orth, "aux": aux, "grad_ratio": ratio,
             "tau1": tau1, "tau2": tau2, "gamma": gamma, "lambda1": lam1, "lambda2": lam2}
 
 
@@ -168,7 +207,16 @@ def update_feature_stats(model: DualLayerSAE, out: dict[str, torch.Tensor], cfg:
         since.copy_(torch.where(fire > 0, 0, since + n))
         if cfg.sae.arch == "esosae" and (step + 1) % cfg.sae.margin_every == 0:
             mu = getattr(model, f"mu{i}")
-            mu.copy_(update_margins(mu, freq, cfg.sae))
+            mu.copy_(update_margins(mu, freq, cfg.sae, schedules.schedule_progress(step, cfg.steps, cfg.schedule)))
+    if cfg.sae.arch == "batchtopk":  # the inference threshold: smallest activation the batch kept
+        f1 = out["f1"]
+        kept = torch.where(f1 > 0, f1, torch.full_like(f1, float("inf"))).amin().float()
+        if dist is not None:
+            kept = dist.min(kept)
+        theta = model.theta1
+        first = torch.full_like(theta, kept.item()) if step == 0 else theta  # host sync: one scalar
+        new = BATCHTOPK_EMA * first + (1 - BATCHTOPK_EMA) * kept
+        theta.copy_(torch.where(torch.isfinite(kept), new, theta))  # a batch that kept nothing moves nothing
 
 
 def log_record(model: DualLayerSAE, cfg: TrainConfig, step: int, res: dict[str, Any], x: torch.Tensor,
@@ -181,7 +229,7 @@ def log_record(model: DualLayerSAE, cfg: TrainConfig, step: int, res: dict[str, 
         "tau1": res["tau1"], "tau2": res["tau2"], "gamma": res["gamma"],
         "lambda1": res["lambda1"], "lambda2": res["lambda2"],
         "loss": res["loss"].item(), "mse": res["mse"].item(), "l1": res["l1"].item(),
-        "orth": res["orth"].item(),
+        "orth": res["orth"].item(), "aux": res["aux"].item(),
         "fvu": (out["sq_err"].sum() / total_var).item(),
         "schedule_progress": schedules.schedule_progress(step, cfg.steps, cfg.schedule),
         "lr": schedules.lr(step, cfg),
@@ -195,6 +243,9 @@ def log_record(model: DualLayerSAE, cfg: TrainConfig, step: int, res: dict[str, 
         rec[f"path_{i}"] = backend.path(out[f"f{i}"])  # dense products or active pairs this step
     if model.layers == 2:
         rec["cos_max"], rec["cos_mean"] = cosine_sample(model, step_generator(cfg.seed, step, 2))
+        rec["cos_high_pairs"] = count_high_cosines(model)
+        if res["grad_ratio"] is not None:
+            rec["orth_grad_ratio"] = res["grad_ratio"]
     rec["tokens_per_s"] = tokens_per_s
     if x.is_cuda:
         rec["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -305,7 +356,7 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, dist: Dist | None, progr
                 with ranges("data"):
                     x = source.batch(step, cfg.batch_size, shard).to(device, non_blocking=True) * model.scale
                 timer.mark("data")
-                res = train_step(model, opt, ops, x, cfg, step, dist, net, timer, ranges)
+                res = train_step(model, opt, ops, x, cfg, step, dist, net, timer, ranges, diagnose=logging)
                 trace_step()
                 state.step, state.log_tokens = step + 1, state.log_tokens + cfg.batch_size
                 bar.update(1)
@@ -369,7 +420,9 @@ class Trained:
 
 def finish(model: DualLayerSAE, cfg: TrainConfig, source: ActivationSource, run_dir: Path,
            wall_s: float, ops: Backend, ranges: Ranges = NO_RANGES, tracker: Tracker | None = None) -> Trained:
-    """Save the final SAE (scale folded in) to ``sae/``."""
+    """Save the final SAE (scale folded in) to ``sae/``; the model leaves training mode
+    (BatchTopK then applies its threshold, learned margins their θ buffers)."""
+    model.eval()
     extra = {"tau_final": cfg.schedule.tau_final, "tau_final2": cfg.schedule.tau_final_2,
              "source": source.describe(), "steps": cfg.steps}
     model.save(run_dir / SAE_DIR, extra)

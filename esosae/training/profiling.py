@@ -53,7 +53,8 @@ class Ranges:
             return call
 
         return dataclasses.replace(ops, encode=ranged("encode", ops.encode), decode=ranged("decode", ops.decode),
-                                   orth_penalty=ranged("orthogonality", ops.orth_penalty))
+                                   orth_penalty=ranged("orthogonality", ops.orth_penalty),
+                                   encode_learned=ranged("encode", ops.encode_learned))
 
 
 NO_RANGES = Ranges(False)
