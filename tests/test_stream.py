@@ -1,0 +1,76 @@
+"""Streamed activations (esosae/data/stream.py): the language model beside the trainer,
+nothing on disk, and a resume that loses nothing."""
+
+import pytest
+import torch
+from lm_helpers import TINY, register_tiny, write_txt
+
+from esosae import cli
+from esosae.data import models, stream
+from esosae.run.checkpoint import checkpoints, latest_checkpoint
+from esosae.training import loop
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    register_tiny(monkeypatch)
+    monkeypatch.setattr(models, "hub_unavailable", lambda: "cannot reach huggingface.co: test")
+    text = write_txt(tmp_path / "text.txt", 150)
+    base = ["--model", TINY, "--hook", "blocks.1.hook_out", "--dataset", str(text),
+            "--cache-dir", str(tmp_path / "cache"), "--activations", "stream", "--buffer-tokens", "1024",
+            "--context-size", "16", "--eval-tokens", "100", "--harvest-batch", "8",
+            "--steps", "40", "--batch-size", "64", "--m1", "32", "--m2", "32", "--no-eval"]
+    return tmp_path, base
+
+
+def weights(run):
+    state = torch.load(latest_checkpoint(run), weights_only=True)
+    return state["step"], state["model"]
+
+
+def stop_after(monkeypatch, steps: int) -> None:
+    """A Ctrl-C seen by the loop after ``steps`` steps (the guard is read once per step)."""
+
+    class Guard(loop.SigintGuard):
+        reads = 0
+
+        @property
+        def requested(self):
+            Guard.reads += 1
+            return Guard.reads >= steps
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    monkeypatch.setattr(loop, "SigintGuard", Guard)
+
+
+def count_forwards(monkeypatch) -> list[int]:
+    """Contexts through the language model, one entry per forward."""
+    real, sizes = stream.hooks_activations, []
+
+    def forward(model, tokens, hooks):
+        sizes.append(len(tokens))
+        return real(model, tokens, hooks)
+
+    monkeypatch.setattr(stream, "hooks_activations", forward)
+    return sizes
+
+
+def test_interrupted_stream_run_resumes_to_the_same_weights(env, monkeypatch):
+    tmp_path, base = env
+    full = count_forwards(monkeypatch)
+    assert cli.main(base + ["--out-dir", str(tmp_path / "full")]) == 0
+    full_contexts = sum(full)
+    assert not (tmp_path / "cache" / "activations").exists()  # nothing harvested to disk
+    with monkeypatch.context() as m:
+        stop_after(m, 21)  # 21 × 64 rows: past the first window of ≥ 1,024 rows
+        assert cli.main(base + ["--out-dir", str(tmp_path / "cut")]) == 130
+    assert weights(tmp_path / "cut")[0] == 21
+    resumed = count_forwards(monkeypatch)
+    assert cli.main(["--resume", str(tmp_path / "cut")]) == 0
+    assert sum(resumed) <= full_contexts - 64  # it skipped the first window's forwards (≥ 64 contexts)
+    (s1, w1), (s2, w2) = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert s1 == s2 == 40
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
