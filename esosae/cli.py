@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     """Train from command-line flags; under torchrun every rank calls this, rank 0 reports."""
     from esosae.evals.summary import evaluate
     from esosae.training import distributed
+    from esosae.training.hooks import train_hooks
     from esosae.training.loop import Interrupted, run
 
     argv = sys.argv[1:] if argv is None else argv
@@ -108,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.model.cache_dir:
             check_writable_dir(Path(cfg.model.cache_dir), "--cache-dir")
         dist = distributed.from_environment(cfg.device)
-        trained = run(cfg, run_dir, resume=resume, dist=dist)
-        headline = evaluate(trained) if trained is not None else {}  # rank 0 evaluates
+        if len(cfg.model.hooks) > 1:  # one SAE per hook, each in its own run directory
+            runs = train_hooks(cfg, run_dir, resume, dist)
+        else:
+            runs = [t for t in [run(cfg, run_dir, resume=resume, dist=dist)] if t is not None]
+        headlines = [(t.run_dir, evaluate(t)) for t in runs]  # rank 0 evaluates
     except UserError as e:
         if distributed.launch_rank() == 0:  # every rank sees the same bad input: say it once
             print(f"train.py: error: {e}", file=sys.stderr)
@@ -133,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         distributed.shutdown()
     if dist is not None and not dist.is_main:
         return 0
-    print(f"run directory: {run_dir}")
-    print("  " + "  ".join(f"{k}={headline[k]:.4g}" for k in
-                           ("fvu", "l0_1", "l0_2", "dead_pct", "ce_loss_recovered", "atom_recovery") if k in headline))
+    for folder, headline in headlines:
+        print(f"run directory: {folder}")
+        print("  " + "  ".join(f"{k}={headline[k]:.4g}" for k in
+                               ("fvu", "l0_1", "l0_2", "dead_pct", "ce_loss_recovered", "atom_recovery")
+                               if k in headline))
     return 0

@@ -208,21 +208,32 @@ def log_record(model: DualLayerSAE, cfg: TrainConfig, step: int, res: dict[str, 
 
 
 class SigintGuard:
-    """Turns the first Ctrl-C into a request to stop after the current step."""
+    """Turns the first Ctrl-C into a request to stop after the current step. Signals reach
+    the main thread only: a loop in another thread (one hook of several, esosae.training.hooks)
+    stops when ``stop_all`` is set, by the main thread's guard or by a failing hook."""
+
+    stop_all = threading.Event()
 
     def __init__(self) -> None:
-        self.requested = False
+        self.main = threading.current_thread() is threading.main_thread()
+        self._requested = False
         self._old: Any = None
 
+    @property
+    def requested(self) -> bool:
+        return self._requested or (not self.main and SigintGuard.stop_all.is_set())
+
     def __enter__(self) -> SigintGuard:
-        if threading.current_thread() is threading.main_thread():
+        if self.main:
+            SigintGuard.stop_all.clear()
             self._old = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # a second Ctrl-C stops at once
+        if self._requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
-        self.requested = True
+        self._requested = True
+        SigintGuard.stop_all.set()
 
     def __exit__(self, *exc: Any) -> None:
         if self._old is not None:

@@ -1,0 +1,79 @@
+"""Several hooks in one pass (esosae/training/hooks.py): one SAE per hook on shared forwards."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from lm_helpers import TINY, register_tiny, write_txt
+
+from esosae import cli
+from esosae.config import DataConfig, ModelConfig, TrainConfig
+from esosae.data import activations, models, stream
+
+HOOKS = "blocks.0.hook_out,blocks.2.hook_out"
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    register_tiny(monkeypatch)
+    monkeypatch.setattr(models, "hub_unavailable", lambda: "cannot reach huggingface.co: test")
+    text = write_txt(tmp_path / "text.txt", 150)
+    base = ["--model", TINY, "--dataset", str(text), "--cache-dir", str(tmp_path / "cache"),
+            "--out-dir", str(tmp_path / "run"), "--context-size", "16", "--harvest-tokens", "400",
+            "--eval-tokens", "100", "--harvest-batch", "8", "--buffer-tokens", "1024",
+            "--steps", "6", "--batch-size", "64", "--m1", "32", "--m2", "32", "--no-eval"]
+    return tmp_path, base
+
+
+def forwards(monkeypatch, module) -> list[tuple[str, ...]]:
+    """The hooks of each language-model forward ``module`` runs."""
+    real, calls = module.hooks_activations, []
+
+    def forward(model, tokens, hooks):
+        calls.append(tuple(hooks))
+        return real(model, tokens, hooks)
+
+    monkeypatch.setattr(module, "hooks_activations", forward)
+    return calls
+
+
+@pytest.mark.parametrize("mode, module", [("cache", activations), ("stream", stream)])
+def test_one_sae_per_hook_from_shared_forwards(env, monkeypatch, capsys, mode, module):
+    tmp_path, base = env
+    calls = forwards(monkeypatch, module)
+    assert cli.main(base + ["--hook", HOOKS, "--activations", mode]) == 0
+    assert calls and all(c == tuple(HOOKS.split(",")) for c in calls)  # every forward serves both hooks
+    out = capsys.readouterr().out
+    for hook in HOOKS.split(","):
+        run = tmp_path / "run" / hook
+        assert json.loads((run / "config.json").read_text())["model"]["hook"] == hook
+        assert (run / "sae" / "sae.safetensors").is_file() and (run / "summary.md").is_file()
+        assert f"run directory: {run}" in out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["model"]["hook"] == HOOKS
+    assert (tmp_path / "cache" / "activations").exists() == (mode == "cache")
+
+
+def test_shared_harvest_equals_each_hook_alone(tmp_path, monkeypatch):
+    register_tiny(monkeypatch)
+    text = write_txt(tmp_path / "text.txt", 150)
+
+    def cfg(hook, cache):
+        return TrainConfig(model=ModelConfig(model=TINY, hook=hook, cache_dir=str(tmp_path / cache)),
+                           data=DataConfig(dataset=str(text), context_size=16, harvest_tokens=400,
+                                           eval_tokens=100, harvest_batch=8))
+
+    both = activations.ensure_caches([cfg(h, "both") for h in HOOKS.split(",")], progress=False)
+    for hook, shared in zip(HOOKS.split(","), both):
+        alone = activations.ensure_cache(cfg(hook, hook), progress=False)
+        rows = np.arange(len(alone.train))
+        assert torch.equal(shared.train[rows], alone.train[rows]) and torch.equal(shared.heldout, alone.heldout)
+        assert shared.scale == alone.scale
+
+
+def test_a_missing_hook_is_one_line_exit_2_and_leaves_nothing(env, capsys):
+    tmp_path, base = env
+    assert cli.main(base + ["--hook", "blocks.0.hook_out,blocks.9.hook_out", "--activations", "stream"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train.py: error:") and "\n" not in err and "'blocks.9.hook_out' does not exist" in err
+    assert not (tmp_path / "run").exists()
