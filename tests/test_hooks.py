@@ -1,6 +1,10 @@
 """Several hooks in one pass (esosae/training/hooks.py): one SAE per hook on shared forwards."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +14,7 @@ from lm_helpers import TINY, register_tiny, write_txt
 from esosae import cli
 from esosae.config import DataConfig, ModelConfig, TrainConfig
 from esosae.data import activations, models, stream
+from esosae.run.checkpoint import latest_checkpoint
 
 HOOKS = "blocks.0.hook_out,blocks.2.hook_out"
 
@@ -77,3 +82,22 @@ def test_a_missing_hook_is_one_line_exit_2_and_leaves_nothing(env, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("train.py: error:") and "\n" not in err and "'blocks.9.hook_out' does not exist" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow  # starts torchrun with two gloo ranks, twice
+@pytest.mark.parametrize("mode, hooks", [("cache", HOOKS), ("stream", "blocks.1.hook_out")])
+def test_torchrun_two_ranks_match_one_process(env, mode, hooks):
+    tmp_path, base = env
+    args = [*base, "--hook", hooks, "--activations", mode, "--device", "cpu"]
+    worker = Path(__file__).resolve().parent / "tiny_worker.py"
+    env_vars = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
+    for cmd, out in ((ddp, "ddp"), ([sys.executable, str(worker)], "one")):
+        proc = subprocess.run([*cmd, *args, "--out-dir", str(tmp_path / out)], cwd=tmp_path, env=env_vars,
+                              capture_output=True, text=True, timeout=600, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    for hook in hooks.split(","):
+        sub = hook if "," in hooks else ""
+        a, b = (torch.load(latest_checkpoint(tmp_path / out / sub), weights_only=True)["model"] for out in ("ddp", "one"))
+        for k in a:
+            assert torch.allclose(a[k].double(), b[k].double(), rtol=1e-4, atol=1e-5), (hook, k)

@@ -7,7 +7,7 @@ from lm_helpers import TINY, register_tiny, write_txt
 
 from esosae import cli
 from esosae.data import models, stream
-from esosae.run.checkpoint import checkpoints, latest_checkpoint
+from esosae.run.checkpoint import latest_checkpoint
 from esosae.training import loop
 
 

@@ -26,6 +26,7 @@ so a step is the same for any number of ranks and a checkpoint resumes with any 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 from collections.abc import Iterator
@@ -36,7 +37,13 @@ import torch
 
 from esosae.config import TrainConfig
 from esosae.data import text
-from esosae.data.models import LoadedModel, check_hook, hooks_activations, load_model, note
+from esosae.data.models import (
+    LoadedModel,
+    check_hook,
+    hooks_activations,
+    load_model,
+    note,
+)
 from esosae.data.sources import expected_norm_scale, generator, shard_rows
 from esosae.errors import UserError
 
@@ -192,29 +199,39 @@ class Producer:
         return Window(start, {h: torch.cat(p)[order] for h, p in parts.items()}, n, used)
 
     def _produce(self, first: Position) -> None:
+        side = torch.cuda.Stream(self.model.device) if self.model.device.type == "cuda" else None
         try:
-            contexts = self._training_contexts()
-            for _ in itertools.islice(contexts, first.context):  # tokenizing only: no forward
-                pass
-            pos = first
-            while True:
-                with self.cond:
-                    self.cond.wait_for(lambda: self._stopping() or pos.window <= min(self.reading.values()) + AHEAD)
-                    if self._stopping():
-                        return
-                    for k in [k for k in self.windows if k < min(self.reading.values())]:
-                        del self.windows[k]
-                window = self._fill(pos, contexts)
-                if window is None:
-                    return
-                with self.cond:
-                    self.windows[pos.window] = window
-                    self.cond.notify_all()
-                pos = window.end
-        except BaseException as e:  # handed to the readers, which raise it in the trainer
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                self._produce_from(first, side)
+        except BaseException as e:  # noqa: BLE001 - handed to the readers, which raise it in the trainer
             with self.cond:
                 self.error = e
                 self.cond.notify_all()
+
+    def _produce_from(self, first: Position, side: torch.cuda.Stream | None) -> None:
+        """Fill windows from ``first`` on (on CUDA in the stream ``side``, beside the trainer's)."""
+        note(f"streaming {', '.join(self.hooks)}: filling window {first.window} "
+             f"({self.cfg.data.buffer_tokens:,} tokens) before the first step")
+        contexts = self._training_contexts()
+        for _ in itertools.islice(contexts, first.context):  # tokenizing only: no forward
+            pass
+        pos = first
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda k=pos.window: self._stopping() or k <= min(self.reading.values()) + AHEAD)
+                if self._stopping():
+                    return
+                for k in [k for k in self.windows if k < min(self.reading.values())]:
+                    del self.windows[k]
+            window = self._fill(pos, contexts)
+            if window is None:
+                return
+            if side is not None:
+                side.synchronize()  # sync point (producer thread only): the window is whole before readers see it
+            with self.cond:
+                self.windows[pos.window] = window
+                self.cond.notify_all()
+            pos = window.end
 
 
 class StreamSource:
@@ -237,19 +254,26 @@ class StreamSource:
     def batch(self, step: int, batch_size: int, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
         if self.current is None:
             self.producer.register(self.hook, self.start)
-            self.current = self.producer.window(self.hook, self.start.window)
+            self.current = self._read(self.start.window)
         lo, hi = step * batch_size, (step + 1) * batch_size
         if lo < self.current.start.row:
             raise RuntimeError(f"stream read out of order: step {step} is before the current window")
         parts, p = [], lo
         while p < hi:
             while p >= self.current.start.row + self.current.n:
-                self.current = self.producer.window(self.hook, self.current.start.window + 1)
+                self.current = self._read(self.current.start.window + 1)
             a = p - self.current.start.row
             b = min(hi - self.current.start.row, self.current.n)
             parts.append(self.current.rows[self.hook][a:b])
             p += b - a
         return shard_rows(torch.cat(parts), shard).float()  # (B / world, d)
+
+    def _read(self, k: int) -> Window:
+        window = self.producer.window(self.hook, k)
+        rows = window.rows[self.hook]
+        if rows.is_cuda:  # filled in the producer's stream, read in this one: not freed before these reads
+            rows.record_stream(torch.cuda.current_stream(rows.device))
+        return window
 
     def position(self, step: int, batch_size: int) -> dict[str, int]:
         """The data position after ``step`` steps, for the checkpoint."""

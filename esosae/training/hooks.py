@@ -98,7 +98,7 @@ def _side_by_side(runs: list[tuple[TrainConfig, Path]], sources: dict[str, Strea
         try:
             results[i] = run(one, folder, resume=_resuming(folder), progress=i == 0,
                              source=sources[one.model.hook])
-        except BaseException as e:  # handed to the main thread; the other hooks stop at their next step
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread; the other hooks stop at their next step
             errors.append(e)
             sources[one.model.hook].close()
             SigintGuard.stop_all.set()
