@@ -15,6 +15,7 @@ from esosae import cli
 from esosae.config import DataConfig, ModelConfig, TrainConfig
 from esosae.data import activations, models, stream
 from esosae.run.checkpoint import latest_checkpoint
+from esosae.training import loop
 
 HOOKS = "blocks.0.hook_out,blocks.2.hook_out"
 
@@ -101,3 +102,26 @@ def test_torchrun_two_ranks_match_one_process(env, mode, hooks):
         a, b = (torch.load(latest_checkpoint(tmp_path / out / sub), weights_only=True)["model"] for out in ("ddp", "one"))
         for k in a:
             assert torch.allclose(a[k].double(), b[k].double(), rtol=1e-4, atol=1e-5), (hook, k)
+
+
+def test_interrupted_hooks_on_one_stream_resume_to_the_same_weights(env, monkeypatch):
+    tmp_path, base = env
+    args = [*base, "--hook", HOOKS, "--activations", "stream", "--steps", "40"]
+    assert cli.main([*args, "--out-dir", str(tmp_path / "full")]) == 0
+    real = loop.train_step
+
+    def step_then_ctrl_c(model, opt, ops, x, cfg, step, *rest, **kw):
+        if step == 20 and cfg.model.hook == "blocks.2.hook_out":
+            loop.SigintGuard.stop_all.set()  # what the main thread's guard does on Ctrl-C
+        return real(model, opt, ops, x, cfg, step, *rest, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "train_step", step_then_ctrl_c)
+        assert cli.main([*args, "--out-dir", str(tmp_path / "cut")]) == 130
+    cut = [torch.load(latest_checkpoint(tmp_path / "cut" / h), weights_only=True)["step"] for h in HOOKS.split(",")]
+    assert all(0 < s < 40 for s in cut)
+    assert cli.main(["--resume", str(tmp_path / "cut")]) == 0
+    for hook in HOOKS.split(","):
+        a, b = (torch.load(latest_checkpoint(tmp_path / r / hook), weights_only=True) for r in ("full", "cut"))
+        assert a["step"] == b["step"] == 40
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
