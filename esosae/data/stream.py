@@ -130,7 +130,8 @@ class Producer:
             self._start_when_all_in()
 
     def _start_when_all_in(self) -> None:
-        if self.thread is None and self.starts and len(self.starts.keys() | self.closed) == len(self.hooks):
+        if (self.thread is None and self.starts and not self._stopping()
+                and len(self.starts.keys() | self.closed) == len(self.hooks)):
             first = min(self.starts.values(), key=lambda p: p.window)
             self.thread = threading.Thread(target=self._produce, args=(first,), daemon=True,
                                            name="esosae-stream")
@@ -149,12 +150,16 @@ class Producer:
             return self.windows[k]
 
     def close(self, hook: str) -> None:
-        """``hook``'s source reads no more; the thread stops when no source reads."""
+        """``hook``'s source reads no more; once no source reads, the thread stops (within one
+        forward) and is waited for, so no forward runs on after training."""
         with self.cond:
             self.closed.add(hook)
             self.reading.pop(hook, None)
             self._start_when_all_in()
             self.cond.notify_all()
+            thread = self.thread if self._stopping() else None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
     # -- the thread --
 
