@@ -91,7 +91,8 @@ def test_torchrun_two_ranks_match_one_process(env, mode, hooks):
     tmp_path, base = env
     args = [*base, "--hook", hooks, "--activations", mode, "--device", "cpu"]
     worker = Path(__file__).resolve().parent / "tiny_worker.py"
-    env_vars = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    repo = str(Path(__file__).resolve().parents[1])  # the code under test, whichever copy is installed
+    env_vars = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": repo}
     ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
     for cmd, out in ((ddp, "ddp"), ([sys.executable, str(worker)], "one")):
         proc = subprocess.run([*cmd, *args, "--out-dir", str(tmp_path / out)], cwd=tmp_path, env=env_vars,

@@ -67,6 +67,8 @@ class Position:
 
 @dataclass
 class Window:
+    """One filled window: every hook's rows, and how many rows and contexts it holds."""
+
     start: Position
     rows: dict[str, torch.Tensor]
     """{hook: (n, d)} in the storage dtype, already shuffled."""
@@ -195,7 +197,7 @@ class Producer:
             keep = self.model.keep(tokens).to(self.model.device)  # (b, T + 1)
             for h, acts in hooks_activations(self.model, tokens, self.hooks).items():  # (b, T + 1, d)
                 rows = acts[keep].to(STORAGE[d.cache_dtype])  # (n_b, d)
-                if not torch.isfinite(rows).all():
+                if not torch.isfinite(rows).all():  # sync point (producer thread only)
                     raise StreamError(f"activations at {h} overflow {d.cache_dtype}; use --cache-dtype bfloat16")
                 parts[h].append(rows)
             n, used = n + int(keep.sum()), used + len(tokens)
