@@ -85,8 +85,8 @@ def test_a_missing_hook_is_one_line_exit_2_and_leaves_nothing(env, capsys):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.slow  # starts torchrun with two gloo ranks, twice
-@pytest.mark.parametrize("mode, hooks", [("cache", HOOKS), ("stream", "blocks.1.hook_out")])
+@pytest.mark.slow  # starts torchrun with two gloo ranks
+@pytest.mark.parametrize("mode, hooks", [("cache", HOOKS), ("stream", "blocks.1.hook_out"), ("stream", HOOKS)])
 def test_torchrun_two_ranks_match_one_process(env, mode, hooks):
     tmp_path, base = env
     args = [*base, "--hook", hooks, "--activations", mode, "--device", "cpu"]

@@ -9,7 +9,8 @@ every language-model forward shared, stopped after the deepest hook.
   same as its hook's own harvest would give, so single-hook runs reuse them), then the
   SAEs train one after another, each reading its cache;
 - stream mode: one producer thread feeds every hook's source (esosae/data/stream.py) and
-  the SAEs train side by side, a thread each, in step with the shared windows.
+  the SAEs train side by side, a thread each, in step with the shared windows; under
+  torchrun each thread's collectives use a process group of its own.
 
 ``--resume OUT`` resumes each hook's run from its own checkpoint (a hook whose run had not
 started starts). A Ctrl-C stops every hook's run after its current step, each with a
@@ -30,7 +31,7 @@ from esosae.run.checkpoint import latest_checkpoint
 from esosae.run.layout import CONFIG_FILE, Claim
 from esosae.sae.backend import resolve_device
 from esosae.training.distributed import Dist
-from esosae.training.loop import RunError, SigintGuard, Trained, run
+from esosae.training.loop import SigintGuard, Trained, run
 
 
 def hook_dir(run_dir: Path, hook: str) -> Path:
@@ -53,15 +54,16 @@ def train_hooks(cfg: TrainConfig, run_dir: Path, resume: bool, dist: Dist | None
     """Train one SAE per hook of ``cfg`` into ``run_dir``/<hook>/; returns the trained runs
     (none on ranks other than 0). Every hook is checked against the model (while the caches
     are built or the stream opens) before ``run_dir`` is touched."""
-    if cfg.data.activations == "stream" and dist is not None:
-        raise RunError("several hooks with --activations stream train in one thread per hook, which "
-                       "torchrun's single process group cannot serve; under torchrun use "
-                       "--activations cache (one harvest pass for all hooks) or one hook per run")
     runs = hook_configs(cfg, run_dir)
     is_main = dist is None or dist.is_main
     device = dist.device if dist is not None else resolve_device(cfg.device)
     if cfg.data.activations == "stream":
+        if not is_main:
+            dist.barrier()  # rank 0 loads the model first (the embedded one is dequantized once)
         sources = open_streams(cfg, device)
+        if dist is not None and is_main:
+            dist.barrier()
+        dists = [dist.subgroup() if dist is not None else None for _ in runs]  # a group per thread
     elif is_main:  # the other ranks wait for the caches in the first run's barrier
         ensure_caches([one for one, _ in runs], device)
     claim = Claim(run_dir) if not resume and is_main else None
@@ -70,7 +72,7 @@ def train_hooks(cfg: TrainConfig, run_dir: Path, resume: bool, dist: Dist | None
             claim.begin()
             cfg.to_json(run_dir / CONFIG_FILE)
         if cfg.data.activations == "stream":
-            trained = _side_by_side(runs, sources)
+            trained = _side_by_side(runs, sources, dists)
         else:
             trained = [run(one, folder, resume=_resuming(folder), dist=dist) for one, folder in runs]
     except BaseException:
@@ -89,14 +91,16 @@ def _resuming(folder: Path) -> bool:
     return (folder / CONFIG_FILE).is_file()
 
 
-def _side_by_side(runs: list[tuple[TrainConfig, Path]], sources: dict[str, StreamSource]) -> list[Trained | None]:
-    """The hooks' runs in a thread each, reading one stream; the first error is raised."""
+def _side_by_side(runs: list[tuple[TrainConfig, Path]], sources: dict[str, StreamSource],
+                  dists: list[Dist | None]) -> list[Trained | None]:
+    """The hooks' runs in a thread each, reading one stream (under torchrun each with its
+    own process group); the first error is raised."""
     results: list[Trained | None] = [None] * len(runs)
     errors: list[BaseException] = []
 
     def train(i: int, one: TrainConfig, folder: Path) -> None:
         try:
-            results[i] = run(one, folder, resume=_resuming(folder), progress=i == 0,
+            results[i] = run(one, folder, resume=_resuming(folder), dist=dists[i], progress=i == 0,
                              source=sources[one.model.hook])
         except BaseException as e:  # noqa: BLE001 - handed to the main thread; the other hooks stop at their next step
             errors.append(e)
