@@ -88,7 +88,8 @@ def resume_hint(run_dir: Path) -> str:
     """What to do after a run stopped early: resume it when it has a checkpoint."""
     from esosae.run.checkpoint import latest_checkpoint
 
-    if run_dir.is_dir() and latest_checkpoint(run_dir) is not None:
+    runs = [run_dir, *(p for p in run_dir.iterdir() if p.is_dir())] if run_dir.is_dir() else []
+    if any(latest_checkpoint(r) is not None for r in runs):  # the run's, or a hook's of several
         return f"continue from its last checkpoint with: python train.py --resume {run_dir}"
     return "it had no checkpoint yet; start it again"
 
