@@ -488,6 +488,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         self._resolve_auto()
+        _check(self.data.source == "lm" or len(self.model.hooks) == 1,
+               f"hook {self.model.hook!r} names several hooks, which only a language model has: "
+               "use --source lm, or one hook")
         _check(self.lr_warmup_fraction + self.lr_decay_fraction <= 1,
                f"lr_warmup_fraction + lr_decay_fraction must be <= 1 (got {self.lr_warmup_fraction:g} + "
                f"{self.lr_decay_fraction:g})")

@@ -126,3 +126,9 @@ def test_interrupted_hooks_on_one_stream_resume_to_the_same_weights(env, monkeyp
         a, b = (torch.load(latest_checkpoint(tmp_path / r / hook), weights_only=True) for r in ("full", "cut"))
         assert a["step"] == b["step"] == 40
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_several_hooks_need_a_language_model(tmp_path, capsys):
+    assert cli.main(["--source", "synthetic", "--hook", HOOKS, "--out-dir", str(tmp_path / "run")]) == 2
+    assert "names several hooks, which only a language model has" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
