@@ -1,6 +1,8 @@
 """Streamed activations (esosae/data/stream.py): the language model beside the trainer,
 nothing on disk, and a resume that loses nothing."""
 
+import json
+
 import pytest
 import torch
 from lm_helpers import TINY, register_tiny, write_txt
@@ -73,3 +75,16 @@ def test_interrupted_stream_run_resumes_to_the_same_weights(env, monkeypatch):
     (s1, w1), (s2, w2) = weights(tmp_path / "full"), weights(tmp_path / "cut")
     assert s1 == s2 == 40
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+def test_a_resume_reading_other_windows_is_one_line(env, capsys):
+    tmp_path, base = env
+    run = tmp_path / "run"
+    assert cli.main(base + ["--steps", "3", "--out-dir", str(run)]) == 0
+    config = json.loads((run / "config.json").read_text())
+    config["data"]["harvest_batch"] = 4  # run-only for a cache, but it bounds the stream's windows
+    (run / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert cli.main(["--resume", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "set harvest_batch back to 8" in err

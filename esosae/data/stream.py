@@ -14,7 +14,8 @@ The text is the same seeded stream of contexts as the cache's (esosae/data/text.
 - Memory: the window being read and the window being filled, 2 · W · d · 2 bytes per hook
   (rows are stored in ``cache_dtype``, as in the cache): 302 MB at W = 2¹⁷, d = 576.
 - Data position: (k, R_k, c_k), the window, its first training row and its first
-  training context, recorded in every checkpoint (``position``). A resume (``seek``) skips
+  training context, recorded in every checkpoint (``position``) with the contexts per
+  forward that bound the windows. A resume (``seek``) skips
   c_k contexts by tokenizing them only, recomputes window k from the same forward batches
   (the same rows, bit for bit) and reads on from row t·B − R_k: nothing is lost or repeated.
 - Several hooks: one forward to the deepest hook fills every hook's window; each hook's
@@ -255,8 +256,14 @@ class StreamSource:
         self.current: Window | None = None
 
     def seek(self, position: dict[str, int]) -> None:
-        """Start reading at a checkpoint's data position (before the first batch)."""
-        self.start = Position(**position)
+        """Start reading at a checkpoint's data position (before the first batch). The
+        windows' bounds depend on the contexts per forward, so that must not have changed."""
+        batch = self.producer.cfg.data.harvest_batch
+        if position["harvest_batch"] != batch:
+            raise StreamError(f"the checkpoint's stream was read {position['harvest_batch']} contexts per "
+                              f"forward and this run reads {batch}: set harvest_batch back to "
+                              f"{position['harvest_batch']} in config.json to resume exactly")
+        self.start = Position(position["window"], position["row"], position["context"])
 
     def batch(self, step: int, batch_size: int, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
         if self.current is None:
@@ -284,11 +291,9 @@ class StreamSource:
 
     def position(self, step: int, batch_size: int) -> dict[str, int]:
         """The data position after ``step`` steps, for the checkpoint."""
-        row = step * batch_size
-        w = self.current
-        if w is None:
-            return asdict(self.start)
-        return asdict(w.end if row >= w.start.row + w.n else w.start)
+        row, w = step * batch_size, self.current
+        pos = self.start if w is None else w.end if row >= w.start.row + w.n else w.start
+        return {**asdict(pos), "harvest_batch": self.producer.cfg.data.harvest_batch}
 
     def close(self) -> None:
         self.producer.close(self.hook)
