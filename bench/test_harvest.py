@@ -52,8 +52,7 @@ def test_harvest(benchmark, report, smollm2, tmp_path):
     cfg = TrainConfig(model=ModelConfig(cache_dir=str(tmp_path)),
                       data=DataConfig(harvest_tokens=14336, eval_tokens=2048))
     sources = data.parse_sources(cfg.data.dataset)
-    folder = activations.cache_folder(cfg)
-    run = lambda: activations.harvest(cfg, sources, folder, smollm2, progress=False)  # noqa: E731
+    run = lambda: activations.harvest([cfg], sources, smollm2, progress=False)  # noqa: E731
     benchmark.pedantic(run, rounds=2, warmup_rounds=0)
     tps = 16384 / benchmark.stats.stats.median
     report("tokens/s", tps)

@@ -90,7 +90,8 @@ def resume_hint(run_dir: Path) -> str:
     """What to do after a run stopped early: resume it when it has a checkpoint."""
     from esosae.run.checkpoint import latest_checkpoint
 
-    if run_dir.is_dir() and latest_checkpoint(run_dir) is not None:
+    runs = [run_dir, *(p for p in run_dir.iterdir() if p.is_dir())] if run_dir.is_dir() else []
+    if any(latest_checkpoint(r) is not None for r in runs):  # the run's, or a hook's of several
         return f"continue from its last checkpoint with: python train.py --resume {run_dir}"
     return "it had no checkpoint yet; start it again"
 
@@ -99,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     """Train from command-line flags; under torchrun every rank calls this, rank 0 reports."""
     from esosae.evals.summary import evaluate
     from esosae.training import distributed, tracking
+    from esosae.training.hooks import train_hooks
     from esosae.training.loop import Interrupted, run
 
     argv = sys.argv[1:] if argv is None else argv
-    dist = trained = None
+    dist, runs = None, []
     try:
         cfg, run_dir, resume, overwrite = prepare(argv)
         tracking.check(cfg.log)
@@ -111,8 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.model.cache_dir:
             check_writable_dir(Path(cfg.model.cache_dir), "--cache-dir")
         dist = distributed.from_environment(cfg.device)
-        trained = run(cfg, run_dir, resume=resume, dist=dist)
-        headline = evaluate(trained) if trained is not None else {}  # rank 0 evaluates
+        if len(cfg.model.hooks) > 1:  # one SAE per hook, each in its own run directory
+            runs = train_hooks(cfg, run_dir, resume, dist)
+        else:
+            runs = [t for t in [run(cfg, run_dir, resume=resume, dist=dist)] if t is not None]
+        headlines = [(t.run_dir, evaluate(t)) for t in runs]  # rank 0 evaluates
     except UserError as e:
         if distributed.launch_rank() == 0:  # every rank sees the same bad input: say it once
             print(f"train.py: error: {e}", file=sys.stderr)
@@ -133,12 +138,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"({e.strerror}); {resume_hint(run_dir)}", file=sys.stderr)
         return EXIT_USAGE
     finally:
-        if trained is not None:
+        for trained in runs:
             trained.tracker.close()  # an evaluation that failed leaves it open
         distributed.shutdown()
     if dist is not None and not dist.is_main:
         return 0
-    print(f"run directory: {run_dir}")
-    print("  " + "  ".join(f"{k}={headline[k]:.4g}" for k in
-                           ("fvu", "l0_1", "l0_2", "dead_pct", "ce_loss_recovered", "atom_recovery") if k in headline))
+    for folder, headline in headlines:
+        print(f"run directory: {folder}")
+        print("  " + "  ".join(f"{k}={headline[k]:.4g}" for k in
+                               ("fvu", "l0_1", "l0_2", "dead_pct", "ce_loss_recovered", "atom_recovery")
+                               if k in headline))
     return 0

@@ -47,6 +47,7 @@ class ConfigError(UserError, ValueError):
 # -- the declarations: choice sets and ranges -----------------------------------------------
 
 Source = Literal["lm", "synthetic"]
+Activations = Literal["cache", "stream"]
 Synthetic = Literal["easy", "hard"]
 CacheDtype = Literal["float16", "bfloat16"]
 Normalize = Literal["expected_norm", "none"]
@@ -267,7 +268,7 @@ class ModelConfig:
     model: str = "smollm2-135m"
     """Language model: 'smollm2-135m' (embedded, offline), a saved transformers model's folder, or a hub name."""
     hook: str = "blocks.6.hook_out"
-    """Hook point whose activations the SAE is trained on (residual stream after block 6)."""
+    """Hook point whose activations the SAE is trained on (residual stream after block 6); a comma list trains one SAE per hook on shared forward passes."""
     cache_dir: str | None = None
     """Cache for dequantized weights and activations (default: $XDG_CACHE_HOME/esosae)."""
 
@@ -276,6 +277,14 @@ class ModelConfig:
         folder = Path(self.model).expanduser()
         if len(folder.parts) > 1 and folder.is_dir():  # a model folder (a bare name is a model's name):
             self.model = str(folder.resolve())  # stored absolute, so caches, resumes and evals find it anywhere
+        hooks = self.hooks
+        _check(all(hooks), f"hook {self.hook!r} has an empty entry; give a comma list of hook names")
+        _check(len(set(hooks)) == len(hooks), f"hook {self.hook!r} names a hook twice")
+
+    @property
+    def hooks(self) -> list[str]:
+        """The hook points of ``hook``, a comma list."""
+        return [h.strip() for h in self.hook.split(",")]
 
 
 SYNTHETIC_PRESETS: dict[str, dict[str, float]] = {
@@ -296,6 +305,10 @@ class DataConfig:
     """Comma list of text sources NAME[:WEIGHT]: hub names, local files or folders."""
     context_size: PosInt = 128
     """Tokens per context (BOS is prepended and never trained on)."""
+    activations: Activations = "cache"
+    """'cache' (harvest to disk once, then train; reused by later runs) or 'stream' (the language model runs beside training; nothing on disk)."""
+    buffer_tokens: Annotated[int, Range(ge=1024)] = 1 << 17
+    """Stream mode: tokens per shuffled window; memory 2 x buffer_tokens x d x 2 bytes per hook (302 MB at d=576)."""
     harvest_tokens: PosInt = 300_000
     """Activations harvested into the on-disk cache (training tokens repeat past this)."""
     harvest_batch: PosInt = 16
@@ -508,6 +521,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         self._resolve_auto()
+        _check(self.data.source == "lm" or len(self.model.hooks) == 1,
+               f"hook {self.model.hook!r} names several hooks, which only a language model has: "
+               "use --source lm, or one hook")
         _check(self.lr_warmup_fraction + self.lr_decay_fraction <= 1,
                f"lr_warmup_fraction + lr_decay_fraction must be <= 1 (got {self.lr_warmup_fraction:g} + "
                f"{self.lr_decay_fraction:g})")

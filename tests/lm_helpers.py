@@ -77,7 +77,7 @@ def interrupt_harvest_at(monkeypatch, call: int) -> list[int]:
     returned list grows by one per forward."""
     from esosae.data import activations
 
-    real, calls = activations.hook_activations, []
+    real, calls = activations.hooks_activations, []
 
     def forward(*args):
         calls.append(1)
@@ -85,5 +85,5 @@ def interrupt_harvest_at(monkeypatch, call: int) -> list[int]:
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(activations, "hook_activations", forward)
+    monkeypatch.setattr(activations, "hooks_activations", forward)
     return calls

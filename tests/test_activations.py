@@ -203,7 +203,7 @@ def test_interrupted_rebuild_keeps_the_old_cache_and_stale_temps_are_removed(tmp
     stale.mkdir()
     (stale / activations.PID_FILE).write_text(dead.stdout.strip())
     cfg.data.context_size = 12
-    monkeypatch.setattr(activations, "hook_activations", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(activations, "hooks_activations", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         build(cfg)
     assert leftovers(cfg) == [folder.name]

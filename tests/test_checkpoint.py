@@ -51,7 +51,7 @@ def test_file_is_torch_loadable_and_carries_its_checksum_in_the_zip_comment(tmp_
     path = checkpoint.save_checkpoint(tmp_path, 7, model, opt, cfg, keep=2)
     assert path == checkpoint.checkpoint_path(tmp_path, 7)
     state = torch.load(path, weights_only=True)  # a plain torch checkpoint to any reader
-    assert set(state) == set(checkpoint.KEYS) and state["step"] == 7 and state["scale"] == 1.5
+    assert set(state) == {*checkpoint.KEYS, "rng"} and state["step"] == 7 and state["scale"] == 1.5
     assert state["config"] == cfg.to_dict()
     comment = zipfile.ZipFile(path).comment
     assert comment.startswith(checkpoint.TRAILER_PREFIX) and len(comment) == checkpoint.TRAILER_LEN

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from esosae.config import TrainConfig
 from esosae.data import text
-from esosae.data.models import LoadedModel, cache_root, check_hook, hook_activations, load_model, note
+from esosae.data.models import LoadedModel, cache_root, check_hook, hooks_activations, load_model, note
 from esosae.data.sources import ArraySource
 from esosae.errors import UserError
 from esosae.run import manifest
@@ -194,60 +194,76 @@ def _ctrl_c_stops_cleanly() -> Iterator[None]:
                           "Run the same command again to harvest from the start") from None
 
 
-def harvest(cfg: TrainConfig, sources: list[text.TextSource], folder: Path, model: LoadedModel,
-            progress: bool = True) -> dict[str, Any]:
-    """Run ``model`` over the text mixture, write a complete cache to ``folder`` and return
-    its manifest."""
-    d_cfg, hook = cfg.data, cfg.model.hook
-    check_hook(model, hook)
+def harvest(cfgs: list[TrainConfig], sources: list[text.TextSource], model: LoadedModel,
+            progress: bool = True) -> list[dict[str, Any]]:
+    """Run ``model`` once over the text mixture for the hooks of ``cfgs`` (one hook each, the
+    same data settings), write a complete cache per hook to its ``cache_folder`` and return
+    their manifests. Each cache holds what a harvest of its hook alone would: the same rows
+    in the same order (one forward, stopped after the deepest hook, serves them all)."""
+    d_cfg, hooks = cfgs[0].data, [c.model.hook for c in cfgs]
+    for hook in hooks:
+        check_hook(model, hook)
     stream = text.contexts(sources, model.tokenizer, model.bos_id, d_cfg.context_size, d_cfg.data_seed)
     np_dtype, torch_dtype = STORAGE[d_cfg.cache_dtype]
     rng = np.random.default_rng(d_cfg.data_seed)
-    held, held_tokens = [], []
-    n_held, sum_sq, t0 = 0, 0.0, time.perf_counter()
-    _remove_stale_temps(folder)
-    with _ctrl_c_stops_cleanly(), atomic_dir(folder) as tmp:
-        (tmp / PID_FILE).write_text(str(os.getpid()))
-        writer = _ChunkWriter(tmp, d_cfg.harvest_tokens, model.d_model, np_dtype)
+    held: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    held_tokens = []
+    n_held, n_train, t0 = 0, 0, time.perf_counter()
+    sum_sq = dict.fromkeys(hooks, 0.0)
+    for cfg in cfgs:
+        _remove_stale_temps(cache_folder(cfg))
+    with _ctrl_c_stops_cleanly(), contextlib.ExitStack() as stack:
+        tmps = {h: stack.enter_context(atomic_dir(cache_folder(c))) for h, c in zip(hooks, cfgs)}
+        for tmp in tmps.values():
+            (tmp / PID_FILE).write_text(str(os.getpid()))
+        writers = {h: _ChunkWriter(tmps[h], d_cfg.harvest_tokens, model.d_model, np_dtype) for h in hooks}
         with tqdm(total=d_cfg.eval_tokens + d_cfg.harvest_tokens, unit="tok", unit_scale=True,
                   desc="harvest", dynamic_ncols=True, mininterval=2.0, disable=not progress) as bar:
             for tokens in text.batches(stream, d_cfg.harvest_batch):  # (B, T + 1)
-                acts = hook_activations(model, tokens, hook).to("cpu", torch_dtype)  # (B, T + 1, d)
-                if not torch.isfinite(acts).all():
-                    raise CacheError(f"activations at {hook} overflow {d_cfg.cache_dtype}; "
-                                     "use --cache-dtype bfloat16")
                 keep = model.keep(tokens)  # (B, T + 1)
                 counts = keep.sum(1)  # (B,)
                 to_held = (counts.cumsum(0) - counts) < d_cfg.eval_tokens - n_held  # (B,) whole contexts
+                n_rows = int(keep[~to_held].sum())
+                order = torch.from_numpy(rng.permutation(n_rows))[:d_cfg.harvest_tokens - n_train]
+                for hook, acts in hooks_activations(model, tokens, hooks).items():
+                    acts = acts.to("cpu", torch_dtype)  # (B, T + 1, d)
+                    if not torch.isfinite(acts).all():
+                        raise CacheError(f"activations at {hook} overflow {d_cfg.cache_dtype}; "
+                                         "use --cache-dtype bfloat16")
+                    if to_held.any():
+                        held[hook].append(acts[to_held][keep[to_held]][:d_cfg.eval_tokens - n_held])
+                    rows = acts[~to_held][keep[~to_held]][order]  # (n, d) text positions of training contexts
+                    sum_sq[hook] += rows.double().square().sum().item()
+                    writers[hook].write(rows.view(torch.uint16).numpy() if np_dtype is np.uint16 else rows.numpy())
                 if to_held.any():
-                    rows = acts[to_held][keep[to_held]][:d_cfg.eval_tokens - n_held]
-                    held.append(rows)
                     held_tokens.append(tokens[to_held])
-                    n_held += len(rows)
-                rows = acts[~to_held][keep[~to_held]]  # (n, d) text positions of training contexts
-                rows = rows[torch.from_numpy(rng.permutation(len(rows)))][:d_cfg.harvest_tokens - writer.n]
-                sum_sq += rows.double().square().sum().item()
-                writer.write(rows.view(torch.uint16).numpy() if np_dtype is np.uint16 else rows.numpy())
+                    n_held += len(held[hooks[0]][-1])
+                n_train += len(order)
                 bar.update(int(keep.sum()))
-                if writer.n == d_cfg.harvest_tokens:
+                if n_train == d_cfg.harvest_tokens:
                     break
-        writer.close()
-        if writer.n < d_cfg.harvest_tokens:
-            raise CacheError(f"--dataset {d_cfg.dataset!r} ran out after {n_held + writer.n:,} tokens; "
+        if n_train < d_cfg.harvest_tokens:
+            raise CacheError(f"--dataset {d_cfg.dataset!r} ran out after {n_held + n_train:,} tokens; "
                              f"--harvest-tokens {d_cfg.harvest_tokens:,} + --eval-tokens "
                              f"{d_cfg.eval_tokens:,} need more text: lower them or add text")
-        held_rows = torch.cat(held)
-        np.save(tmp / "heldout.npy", held_rows.view(torch.uint16).numpy() if np_dtype is np.uint16
-                else held_rows.numpy())
-        np.save(tmp / "heldout_tokens.npy", torch.cat(held_tokens).to(torch.int32).numpy())
-        (tmp / PID_FILE).unlink()
-        names = writer.files + ["heldout.npy", "heldout_tokens.npy"]
         seconds = time.perf_counter() - t0
-        meta = manifest.write(tmp, wanted_settings(cfg, sources), names, d=model.d_model,
-                              train_rows=writer.n, heldout_rows=len(held_rows), train_files=writer.files,
-                              scale=(model.d_model * writer.n / sum_sq) ** 0.5, bos_id=model.bos_id,
-                              harvest_seconds=seconds, tokens_per_s=(n_held + writer.n) / seconds)
-    return meta
+        metas = []
+        for hook, cfg in zip(hooks, cfgs):
+            tmp, writer = tmps[hook], writers[hook]
+            writer.close()
+            held_rows = torch.cat(held[hook])
+            np.save(tmp / "heldout.npy", held_rows.view(torch.uint16).numpy() if np_dtype is np.uint16
+                    else held_rows.numpy())
+            np.save(tmp / "heldout_tokens.npy", torch.cat(held_tokens).to(torch.int32).numpy())
+            (tmp / PID_FILE).unlink()
+            names = writer.files + ["heldout.npy", "heldout_tokens.npy"]
+            metas.append(manifest.write(tmp, wanted_settings(cfg, sources), names, d=model.d_model,
+                                        train_rows=writer.n, heldout_rows=len(held_rows),
+                                        train_files=writer.files,
+                                        scale=(model.d_model * writer.n / sum_sq[hook]) ** 0.5,
+                                        bos_id=model.bos_id, harvest_seconds=seconds,
+                                        tokens_per_s=(n_held + writer.n) / seconds, hooks_in_pass=len(hooks)))
+    return metas
 
 
 @contextlib.contextmanager
@@ -263,21 +279,37 @@ def _build_lock(root: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def ensure_caches(cfgs: list[TrainConfig], device: torch.device | str = "cpu",
+                  progress: bool = True) -> list[ActivationCache]:
+    """The caches for ``cfgs`` (one hook each, the same data settings): those that match are
+    reused, the others (re)built together in one harvest pass."""
+    sources = text.parse_sources(cfgs[0].data.dataset)
+    folders = [cache_folder(c) for c in cfgs]
+
+    def verified() -> list[dict[str, Any] | str]:  # each verified manifest, or why it cannot be used
+        return [manifest.read(f, wanted_settings(c, sources)) for f, c in zip(folders, cfgs)]
+
+    metas = verified()
+    if any(isinstance(m, str) for m in metas):
+        with _build_lock(folders[0].parent):
+            metas = verified()  # another process may have built them meanwhile
+            todo = [i for i, m in enumerate(metas) if isinstance(m, str)]
+            if todo:
+                for i in todo:
+                    if folders[i].exists():
+                        note(f"activation cache {folders[i]}: {metas[i]}; rebuilding it")
+                built = harvest([cfgs[i] for i in todo], sources, load_model(cfgs[0].model, device), progress)
+                for i, meta in zip(todo, built):
+                    metas[i] = meta
+                return [open_cache(f, m) for f, m in zip(folders, metas)]  # type: ignore[arg-type]
+    for f in folders:
+        note(f"using cached activations in {f}")
+    return [open_cache(f, m) for f, m in zip(folders, metas)]  # type: ignore[arg-type]
+
+
 def ensure_cache(cfg: TrainConfig, device: torch.device | str = "cpu", progress: bool = True) -> ActivationCache:
     """The cache for ``cfg``: reused when it matches, otherwise (re)built."""
-    sources = text.parse_sources(cfg.data.dataset)
-    folder, wanted = cache_folder(cfg), wanted_settings(cfg, sources)
-    meta = manifest.read(folder, wanted)  # the verified manifest, or why the cache cannot be used
-    if isinstance(meta, str):
-        with _build_lock(folder.parent):
-            meta = manifest.read(folder, wanted)  # another process may have built it meanwhile
-            if isinstance(meta, str):
-                if folder.exists():
-                    note(f"activation cache {folder}: {meta}; rebuilding it")
-                meta = harvest(cfg, sources, folder, load_model(cfg.model, device), progress)
-                return open_cache(folder, meta)
-    note(f"using cached activations in {folder}")
-    return open_cache(folder, meta)
+    return ensure_caches([cfg], device, progress)[0]
 
 
 def lm_source(cfg: TrainConfig, device: torch.device | str = "cpu") -> ArraySource:

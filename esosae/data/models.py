@@ -261,3 +261,12 @@ def hook_activations(model: LoadedModel, tokens: torch.Tensor, hook: str) -> tor
     _, cache = model.bridge.run_with_cache(tokens.to(model.device), names_filter=hook,
                                            stop_at_layer=stop_layer(hook))
     return cache[hook]
+
+
+@torch.inference_mode()
+def hooks_activations(model: LoadedModel, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
+    """Activations {hook: (B, T, d)} at every hook from one forward that stops after the deepest."""
+    stops = [stop_layer(h) for h in hooks]
+    _, cache = model.bridge.run_with_cache(tokens.to(model.device), names_filter=list(hooks),
+                                           stop_at_layer=None if None in stops else max(stops))
+    return {h: cache[h] for h in hooks}

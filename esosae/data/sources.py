@@ -2,7 +2,9 @@
 
 A source is random-access by step: ``batch(step, batch_size)`` returns the same rows every
 time it is asked, so a resumed run sees exactly the tokens an uninterrupted one would,
-and data-parallel ranks can each read their own disjoint shard of a global batch.
+and data-parallel ranks can each read their own disjoint shard of a global batch. The
+streamed source (esosae/data/stream.py) is read in order instead; its data position goes
+into each checkpoint (``position``) and a resume starts it there (``seek``).
 
 - ``ArraySource``: rows of any (N, d) array (a tensor, or a memory-mapped cache), shuffled
   per epoch by a seeded permutation.
@@ -33,6 +35,22 @@ class ActivationSource(Protocol):
 
     def heldout(self) -> torch.Tensor:
         """Held-out rows for evaluation (never in a training batch): (N_eval, d) fp32."""
+        ...
+
+    def init_sample(self, batch_size: int) -> torch.Tensor:
+        """Rows whose mean initializes the decoder bias: (≤ batch_size, d) fp32."""
+        ...
+
+    def position(self, step: int, batch_size: int) -> dict[str, int] | None:
+        """The data position after ``step`` steps when the step alone does not give it, else None."""
+        ...
+
+    def seek(self, position: dict[str, int]) -> None:
+        """Continue from a checkpoint's ``position`` (before the first batch)."""
+        ...
+
+    def close(self) -> None:
+        """Stop any work the source does in the background."""
         ...
 
     def norm_scale(self) -> float:
@@ -72,7 +90,26 @@ def shard_rows(global_rows: torch.Tensor, shard: tuple[int, int]) -> torch.Tenso
     return global_rows[rank * per:(rank + 1) * per]
 
 
-class ArraySource:
+class StepSource:
+    """What every random-access source shares: the step is the whole data position."""
+
+    def batch(self, step: int, batch_size: int, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+        raise NotImplementedError
+
+    def init_sample(self, batch_size: int) -> torch.Tensor:
+        return self.batch(0, batch_size)
+
+    def position(self, step: int, batch_size: int) -> dict[str, int] | None:
+        return None
+
+    def seek(self, position: dict[str, int]) -> None:
+        raise ValueError("a random-access source has no data position to seek to")
+
+    def close(self) -> None:
+        pass
+
+
+class ArraySource(StepSource):
     """Rows of an (N, d) array, visited in a fresh seeded permutation each epoch."""
 
     def __init__(self, train: Any, heldout: Any, seed: int = 0, scale: float | None = None,
@@ -159,7 +196,7 @@ def atom_frequencies(atoms: int, l0: float, power_law: bool, alpha: float = 1.0)
     return p.float()
 
 
-class SyntheticSource:
+class SyntheticSource(StepSource):
     """A planted dictionary; batch ``step`` is drawn from a generator seeded by (seed, step)."""
 
     HELDOUT_STREAM = -1

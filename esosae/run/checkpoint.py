@@ -5,7 +5,8 @@ Files: ``RUN_DIR/checkpoints/step_XXXXXXXX.pt`` (the last ``keep_checkpoints`` o
 Format. A checkpoint is what ``torch.save`` writes for
 
     {"step": int, "model": the SAE's state_dict, "optim": Adam's state_dict,
-     "scale": float (input normalization s), "config": TrainConfig.to_dict()}
+     "scale": float (input normalization s), "config": TrainConfig.to_dict(),
+     "rng": torch's CPU generator state, "data": the data position (streamed sources only)}
 
 (a zip archive, which ``torch.load`` reads as it is), with a trailer in the zip's own
 comment field, the free text the format allows after its end-of-central-directory record:
@@ -17,6 +18,10 @@ last two bytes) read as zero, i.e. of exactly the bytes ``torch.save`` wrote. Zi
 ``torch.load`` among them, ignore the comment. A file torn by a crash has no trailer, and a
 flipped or lost byte anywhere changes the digest: both are found by reading the bytes,
 before ``torch.load`` is given the file (``verify``).
+
+Every random draw of training is a pure function of (seed, step), and a cached source's
+batch of the step; the generator state is stored and restored all the same, and a streamed
+source's position (esosae/data/stream.py) is stored because the step alone does not give it.
 
 Resuming (``resume_checkpoint``) takes the newest checkpoint that verifies; newer ones
 that do not are renamed ``*.pt.corrupt`` with a message, and if none verifies the run stops
@@ -167,18 +172,21 @@ def _write_failure(e: OSError, path: Path, previous: Path | None) -> str:
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                    cfg: TrainConfig, keep: int, deliver_sigint: bool = True) -> Path:
+                    cfg: TrainConfig, keep: int, deliver_sigint: bool = True,
+                    data: dict[str, int] | None = None) -> Path:
     """Write the checkpoint of ``step`` and delete all but the newest ``keep``.
 
     Ctrl-C is held back until the file is whole and in place; it is then handed on (a first
     Ctrl-C asks the loop to stop) unless ``deliver_sigint`` is False, for the checkpoint the
     run writes as it stops anyway. A write that fails leaves the earlier checkpoints as they
-    were and raises a one-line CheckpointError.
+    were and raises a one-line CheckpointError. ``data``: the source's data position, if any.
     """
     path = checkpoint_path(run_dir, step)
     previous = latest_checkpoint(run_dir)
     state = {"step": step, "model": model.state_dict(), "optim": opt.state_dict(),
-             "scale": model.scale, "config": cfg.to_dict()}
+             "scale": model.scale, "config": cfg.to_dict(), "rng": torch.get_rng_state()}
+    if data is not None:
+        state["data"] = data
     try:
         with deferred_sigint(deliver=deliver_sigint):
             _write(state, path)
@@ -294,12 +302,14 @@ def _load_into(path: Path, state: dict[str, Any], model: torch.nn.Module, opt: t
         raise CheckpointError(f"checkpoint {path} does not fit this run's model or optimizer ({first}); "
                               "start afresh with --overwrite") from None
     model.scale = state["scale"]
+    if "rng" in state:
+        torch.set_rng_state(state["rng"])
 
 
 def resume_checkpoint(run_dir: Path, cfg: TrainConfig, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                      say: Callable[[str], None] | None) -> int:
+                      say: Callable[[str], None] | None) -> tuple[int, dict[str, int] | None]:
     """Load the run's newest intact checkpoint into ``model`` and ``opt``; returns its step
-    (0 when the run has no checkpoint yet).
+    (0 when the run has no checkpoint yet) and its data position (None when it has none).
 
     ``say`` is given to the one process that owns the run directory (rank 0): it renames
     damaged newer checkpoints to ``*.pt.corrupt`` (so they are neither resumed nor counted
@@ -332,4 +342,4 @@ def resume_checkpoint(run_dir: Path, cfg: TrainConfig, model: torch.nn.Module, o
         if run_dir.is_dir():
             for folder in [run_dir, *sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name[0] != ".")]:
                 remove_orphaned_temps(folder)
-    return 0 if state is None else state["step"]
+    return (0, None) if state is None else (state["step"], state.get("data"))

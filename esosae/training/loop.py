@@ -6,7 +6,8 @@ field of METHOD.md §6), ``checkpoints/`` (model, optimizer and step; written at
 not the trainer's: the CLI and the grid run them on what ``run`` returns.
 
 Every random draw of a step (its batch, its orthogonality tiles) is a pure function of
-(seed, step), so a run resumed from a checkpoint continues bit-for-bit on the CPU.
+(seed, step), so a run resumed from a checkpoint continues bit-for-bit on the CPU; a
+streamed source's data position is stored in each checkpoint and restored with it.
 Ctrl-C finishes the current step, writes a checkpoint and exits with code 130.
 """
 
@@ -57,6 +58,10 @@ def make_source(cfg: TrainConfig, device: torch.device) -> ActivationSource:
     if cfg.data.source == "synthetic":
         return SyntheticSource(spec_from_config(cfg.data), seed=cfg.data.data_seed,
                                eval_rows=cfg.data.eval_tokens)
+    if cfg.data.activations == "stream":
+        from esosae.data.stream import open_streams
+
+        return open_streams(cfg, device)[cfg.model.hook]
     from esosae.data.activations import lm_source
 
     return lm_source(cfg, device)
@@ -256,21 +261,32 @@ def log_record(model: DualLayerSAE, cfg: TrainConfig, step: int, res: dict[str, 
 
 
 class SigintGuard:
-    """Turns the first Ctrl-C into a request to stop after the current step."""
+    """Turns the first Ctrl-C into a request to stop after the current step. Signals reach
+    the main thread only: a loop in another thread (one hook of several, esosae.training.hooks)
+    stops when ``stop_all`` is set, by the main thread's guard or by a failing hook."""
+
+    stop_all = threading.Event()
 
     def __init__(self) -> None:
-        self.requested = False
+        self.main = threading.current_thread() is threading.main_thread()
+        self._requested = False
         self._old: Any = None
 
+    @property
+    def requested(self) -> bool:
+        return self._requested or (not self.main and SigintGuard.stop_all.is_set())
+
     def __enter__(self) -> SigintGuard:
-        if threading.current_thread() is threading.main_thread():
+        if self.main:
+            SigintGuard.stop_all.clear()
             self._old = signal.signal(signal.SIGINT, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # a second Ctrl-C stops at once
+        if self._requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
-        self.requested = True
+        self._requested = True
+        SigintGuard.stop_all.set()
 
     def __exit__(self, *exc: Any) -> None:
         if self._old is not None:
@@ -281,7 +297,7 @@ def build(cfg: TrainConfig, source: ActivationSource, device: torch.device) -> t
     """A freshly initialized model (on normalized inputs) and its Adam optimizer."""
     scale = source.norm_scale() if cfg.data.normalize == "expected_norm" else 1.0
     model = DualLayerSAE(cfg.sae, source.d, scale=scale)
-    sample = source.batch(0, cfg.batch_size) * scale
+    sample = source.init_sample(cfg.batch_size) * scale
     model.init_weights(step_generator(cfg.seed, 0, 0), sample)
     model.to(device)
     opt = Adam(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))  # fused, fp32 state
@@ -289,7 +305,7 @@ def build(cfg: TrainConfig, source: ActivationSource, device: torch.device) -> t
 
 
 def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, dist: Dist | None = None,
-        progress: bool = True) -> Trained | None:
+        progress: bool = True, source: ActivationSource | None = None) -> Trained | None:
     """Train (or resume) one run in ``run_dir``; returns the trained model and its source
     on rank 0 (None on the others), for the caller to evaluate (esosae.evals.summary).
 
@@ -297,11 +313,11 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, dist: Dist | None
     are built, and gives it back as it was if it fails before its first checkpoint: an old
     run there (``--overwrite``) is deleted only after that checkpoint. Under torchrun
     (``dist`` given) rank 0 alone builds caches and writes files; every rank reads its own
-    shard of each global batch.
+    shard of each global batch. ``source``: one the caller built (the hooks of one stream).
     """
     claim = Claim(run_dir) if not resume and (dist is None or dist.is_main) else None
     try:
-        return _run(cfg, run_dir, resume, dist, progress, claim)
+        return _run(cfg, run_dir, resume, dist, progress, claim, source)
     except BaseException:
         if claim is not None:
             claim.abort()
@@ -309,7 +325,7 @@ def run(cfg: TrainConfig, run_dir: Path, resume: bool = False, dist: Dist | None
 
 
 def _run(cfg: TrainConfig, run_dir: Path, resume: bool, dist: Dist | None, progress: bool,
-         claim: Claim | None) -> Trained | None:
+         claim: Claim | None, source: ActivationSource | None) -> Trained | None:
     if dist is not None and cfg.batch_size % dist.world:
         raise RunError(f"--batch-size {cfg.batch_size} is the global batch and must divide by the "
                        f"{dist.world} ranks; use a multiple of {dist.world}")
@@ -321,14 +337,17 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, dist: Dist | None, progr
     is_main = dist is None or dist.is_main
     if not is_main:
         dist.barrier()  # wait until rank 0 has built (or found) the activation cache
-    with ranges("harvest"):
-        source = make_source(cfg, device)
+    if source is None:
+        with ranges("harvest"):
+            source = make_source(cfg, device)
     if dist is not None and is_main:
         dist.barrier()
     model, opt = build(cfg, source, device)
     start = 0
     if resume:  # the newest intact checkpoint, checked against cfg (esosae.run.checkpoint)
-        start = resume_checkpoint(run_dir, cfg, model, opt, say=note if is_main else None)
+        start, position = resume_checkpoint(run_dir, cfg, model, opt, say=note if is_main else None)
+        if position is not None:
+            source.seek(position)
     if claim is not None:
         claim.begin()
     if is_main:
@@ -384,7 +403,8 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, dist: Dist | None, progr
                         dist.check_in_sync(model)
                     if is_main:
                         save_checkpoint(run_dir, step + 1, model, opt, cfg, cfg.keep_checkpoints,
-                                        deliver_sigint=not stop)  # stopping: a 2nd Ctrl-C mid-write is dropped
+                                        deliver_sigint=not stop,  # stopping: a 2nd Ctrl-C mid-write is dropped
+                                        data=source.position(step + 1, cfg.batch_size))
                         if claim is not None:
                             claim.commit()  # the new run stands on its own: an old run set aside goes now
                 if stop and not done:
@@ -394,6 +414,7 @@ def _run(cfg: TrainConfig, run_dir: Path, resume: bool, dist: Dist | None, progr
         tracker.close()
         raise
     finally:
+        source.close()
         bar.close()
         if metrics_fh is not None:
             metrics_fh.close()
