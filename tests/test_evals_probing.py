@@ -70,7 +70,7 @@ def test_builtin_datasets_cover_every_probing_file():
     used = {f.path for spec in tasks.BUILTIN.values() for f in spec.files}
     folder = tasks.data_dir() / "probing"
     assert used == {p.name for p in folder.glob("*.jsonl")}
-    assert set(tasks.BUILTIN) == set(EvalConfig().datasets)
+    assert set(tasks.BUILTIN) == set(EvalConfig(datasets=("all",)).datasets)
 
 
 def test_every_builtin_file_reads():
