@@ -13,6 +13,7 @@ from esosae.cli import main as train_main
 from esosae.config import ConfigError
 from esosae.evals import run as evals_run
 from esosae.evals import tasks
+from esosae.evals.cli import build_parser
 from esosae.evals.cli import main as eval_main
 from esosae.evals.config import ALL_DATASETS, PRESETS, QUICK_DATASETS, EvalConfig
 from esosae.evals.headline import COLUMNS, SECTION
@@ -66,6 +67,28 @@ def test_presets_expand_and_fill_the_auto_sizes(given, datasets, sizes):
 def test_bad_dataset_lists_are_config_errors(datasets, message):
     with pytest.raises(ConfigError, match=message):
         EvalConfig(datasets=datasets)
+
+
+@pytest.mark.parametrize("flag, datasets, sizes", [
+    ("all", ALL_DATASETS, (1000, 400)),
+    ("quick", QUICK_DATASETS, (300, 150)),
+    ("sst2,europarl_language", ("sst2", "europarl_language"), (1000, 400)),
+])
+def test_datasets_flag_parses_presets_and_lists(flag, datasets, sizes):
+    ns = vars(build_parser().parse_args(["RUN", "--datasets", flag]))
+    del ns["run_dir"]
+    cfg = EvalConfig(**ns)
+    assert (cfg.datasets, cfg.train_size, cfg.test_size) == (datasets, *sizes)
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("ag_nwes", "unknown probing dataset 'ag_nwes': use quick, all, a comma list of ag_news, sst2"),
+    ("all,sst2", "--datasets all stands alone (got 'all,sst2')"),
+])
+def test_bad_datasets_flag_is_one_line_exit_2(tmp_path, capsys, flag, message):
+    assert eval_main([str(tmp_path), "--datasets", flag]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m esosae.evals: error:") and err.count("\n") == 1 and message in err
 
 
 # -- the headline --------------------------------------------------------------------------------

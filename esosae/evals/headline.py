@@ -28,8 +28,8 @@ FULL_SET = "python -m esosae.evals {run} --datasets all"
 
 
 def probing_headline(result: dict[str, Any]) -> dict[str, Any]:
-    """{"sae": {metric: value}, "llm": {...}, "datasets": [...], "tasks": n, "train_size", "test_size"}
-    from a sparse_probing result (the dict written to eval/sparse_probing.json)."""
+    """{"sae": {metric: value}, "llm": {...}, "datasets": [...], "tasks": n, "train_size", "test_size",
+    "llm_features": what the llm rows probe} from a sparse_probing result (eval/sparse_probing.json)."""
     m, c = result["eval_result_metrics"], result["eval_config"]
     return {**{who: {key: m[who][f"{who}_{key}"] for _, key in COLUMNS} for who in ("sae", "llm")},
             "datasets": list(c["dataset_names"]),
