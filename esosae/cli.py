@@ -148,4 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         print("  " + "  ".join(f"{k}={headline[k]:.4g}" for k in
                                ("fvu", "l0_1", "l0_2", "dead_pct", "ce_loss_recovered", "atom_recovery")
                                if k in headline))
+        if "probing" in headline:
+            from esosae.evals.headline import FULL_SET, probing_lines
+
+            print("\n".join("  " + line for line in probing_lines(headline["probing"])))
+            print(f"  every probing dataset at full size: {FULL_SET.format(run=folder)}")
     return 0

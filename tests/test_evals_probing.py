@@ -70,7 +70,7 @@ def test_builtin_datasets_cover_every_probing_file():
     used = {f.path for spec in tasks.BUILTIN.values() for f in spec.files}
     folder = tasks.data_dir() / "probing"
     assert used == {p.name for p in folder.glob("*.jsonl")}
-    assert set(tasks.BUILTIN) == set(EvalConfig().datasets)
+    assert set(tasks.BUILTIN) == set(EvalConfig(datasets=("all",)).datasets)
 
 
 def test_every_builtin_file_reads():
@@ -225,7 +225,7 @@ def test_planted_atom_is_found_by_top1_probe_of_trained_sae_only():
     the other ~15 active atoms (planted.py's estimate: Φ(½·sqrt(2 ln 64 / 16)) ≈ 0.66)."""
     source = SyntheticSource(spec_from_config(PLANTED.data), seed=PLANTED.data.data_seed)
     model, opt = build(PLANTED, source, torch.device("cpu"))
-    cfg = EvalConfig(k_values=(1,))
+    cfg = EvalConfig(k_values=(1,), train_size=1000, test_size=400)
     untrained = planted_probing(model, source, cfg)["planted_atoms"]
     for step in range(PLANTED.steps):
         train_step(model, opt, TORCH, source.batch(step, PLANTED.batch_size) * model.scale, PLANTED, step)

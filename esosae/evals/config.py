@@ -10,10 +10,17 @@ from esosae.config import ConfigError, Device, choices
 
 EVALS = ("core", "probing", "curriculum")
 
-DEFAULT_DATASETS = ("ag_news", "sst2", "amazon_sentiment", "amazon_category", "amazon_stars",
-                    "uci_sentiment", "bias_in_bios_gender", "bias_in_bios_accountant", "code_language",
-                    "europarl_language")
+ALL_DATASETS = ("ag_news", "sst2", "amazon_sentiment", "amazon_category", "amazon_stars",
+                "uci_sentiment", "bias_in_bios_gender", "bias_in_bios_accountant", "code_language",
+                "europarl_language")
 """Every labelled set in the data dir's probing/ folder (esosae.evals.tasks.BUILTIN)."""
+QUICK_DATASETS = ("ag_news", "sst2", "europarl_language", "bias_in_bios_gender")
+"""The end-of-run subset: topic (4 tasks), sentiment, language (5 tasks) and gender, the
+four families with the shortest texts (docs/evals.md, "The default subset")."""
+PRESETS = {"quick": (QUICK_DATASETS, 300, 150), "all": (ALL_DATASETS, 1000, 400)}
+"""``--datasets quick`` (the default) and ``--datasets all``: (datasets, train size, test size)."""
+EXPLICIT_SIZES = (1000, 400)
+"""Train and test sizes per task for a --datasets list that names datasets itself."""
 
 
 @dataclass
@@ -22,12 +29,13 @@ class EvalConfig:
 
     only: tuple[str, ...] = EVALS
     """Evaluations to run: any of core, probing, curriculum."""
-    datasets: tuple[str, ...] = DEFAULT_DATASETS
-    """Probing datasets: built-in names, local .jsonl files (text, label[, split]) or hub:NAME[:LABEL[:TEXT]]."""
-    train_size: int = 1000
-    """Most train texts per binary probing task, half positive and half negative."""
-    test_size: int = 400
-    """Most test texts per binary probing task, half positive and half negative."""
+    datasets: tuple[str, ...] = ("quick",)
+    """Probing datasets: quick (4 of them, the default), all (every built-in one), or a list of built-in
+    names, local .jsonl files (text, label[, split]) and hub:NAME[:LABEL[:TEXT]]."""
+    train_size: int | None = None
+    """Most train texts per binary probing task, half positive and half negative (auto: 300 for quick, else 1000)."""
+    test_size: int | None = None
+    """Most test texts per binary probing task, half positive and half negative (auto: 150 for quick, else 400)."""
     context_size: int = 128
     """Text tokens kept per probing text (BOS is prepended; longer texts are cut)."""
     k_values: tuple[int, ...] = (1, 2, 5, 10, 20, 50)
@@ -58,8 +66,7 @@ class EvalConfig:
         bad = [e for e in self.only if e not in EVALS]
         if bad or not self.only:
             raise ConfigError(f"--only takes a comma list of {', '.join(EVALS)} (got {','.join(self.only)!r})")
-        if not self.datasets:
-            raise ConfigError("--datasets must name at least one probing dataset")
+        self._resolve_datasets()
         for name in ("train_size", "test_size"):
             if getattr(self, name) < 4:
                 raise ConfigError(f"{name} must be >= 4 (two texts per class; got {getattr(self, name)})")
@@ -72,6 +79,22 @@ class EvalConfig:
             raise ConfigError(f"probe_c must be > 0 (got {self.probe_c})")
         if self.device not in choices(Device):
             raise ConfigError(f"device must be one of {', '.join(choices(Device))} (got {self.device!r})")
+
+    def _resolve_datasets(self) -> None:
+        """Expand a preset name and fill the auto sizes; reject names no dataset can have."""
+        if not self.datasets:
+            raise ConfigError("--datasets must name at least one probing dataset")
+        presets = [name for name in self.datasets if name in PRESETS]
+        if presets and len(self.datasets) > 1:
+            raise ConfigError(f"--datasets {presets[0]} stands alone (got {','.join(self.datasets)!r})")
+        names, train, test = PRESETS[presets[0]] if presets else (self.datasets, *EXPLICIT_SIZES)
+        bad = [n for n in names if n not in ALL_DATASETS and not n.startswith("hub:") and not n.endswith(".jsonl")]
+        if bad:
+            raise ConfigError(f"unknown probing dataset {bad[0]!r}: use quick, all, a comma list of "
+                              f"{', '.join(ALL_DATASETS)}, a .jsonl file, or hub:NAME[:LABEL[:TEXT]]")
+        self.datasets = tuple(names)
+        self.train_size = train if self.train_size is None else self.train_size
+        self.test_size = test if self.test_size is None else self.test_size
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -27,7 +27,7 @@ from esosae.config import TrainConfig
 from esosae.data.models import LoadedModel, cache_root, check_hook, load_model, note
 from esosae.data.sources import SyntheticSource, atom_recovery, spec_from_config
 from esosae.errors import UserError
-from esosae.evals import curriculum, output, plots, probing, tasks
+from esosae.evals import curriculum, headline, output, plots, probing, tasks
 from esosae.evals.config import EvalConfig
 from esosae.evals.core import lm_core_metrics, reconstruction_metrics
 from esosae.evals.planted import planted_probing
@@ -154,7 +154,8 @@ def curriculum_eval(run: Run, records: list[dict[str, Any]]) -> dict[str, Any]:
 def run_all(run_dir: str | Path, only: Iterable[str] | None = None, progress: bool = True,
             config: EvalConfig | None = None) -> dict[str, dict[str, Any]]:
     """Run the evaluations ``only`` names (default all: core, probing, curriculum) on the run
-    in ``run_dir``; write ``eval/*.json`` and ``plots/*.png``; return {file stem: result}."""
+    in ``run_dir``; write ``eval/*.json``, ``plots/*.png`` and summary.md's evaluation part
+    (esosae.evals.headline); return {file stem: result}."""
     cfg = config or EvalConfig()
     if only is not None:
         cfg = dataclasses.replace(cfg, only=tuple(only))
@@ -186,4 +187,5 @@ def run_all(run_dir: str | Path, only: Iterable[str] | None = None, progress: bo
         done[stem] = result
         if progress:
             note(f"{name} evaluation: {path} ({time.perf_counter() - t0:.0f} s)")
+    headline.update_summary(run_dir)
     return done

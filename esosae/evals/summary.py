@@ -15,6 +15,7 @@ from typing import Any
 from esosae.config import TrainConfig
 from esosae.data.sources import ActivationSource, SyntheticSource, atom_recovery
 from esosae.evals.core import reconstruction_metrics
+from esosae.evals.headline import probing_headline
 from esosae.run.atomic import atomic_write_text
 from esosae.run.layout import SUMMARY_FILE
 from esosae.training.loop import Trained
@@ -34,8 +35,9 @@ def headline(trained: Trained) -> dict[str, Any]:
 
 def evaluate(trained: Trained, progress: bool = True) -> dict[str, Any]:
     """``headline``, then (with ``cfg.eval``) every evaluation; CE loss recovered joins the
-    headline when the run is on a language model. The run's tracker gets the headline and every
-    evaluation's numbers, and closes."""
+    headline when the run is on a language model, and the probing headline
+    (esosae.evals.headline.probing_headline) as ``probing``. The run's tracker gets the
+    headline and every evaluation's numbers, and closes."""
     metrics, results = headline(trained), {}
     if trained.cfg.eval:
         from esosae.evals.run import run_all  # the evals import the language-model stack
@@ -45,7 +47,10 @@ def evaluate(trained: Trained, progress: bool = True) -> dict[str, Any]:
         ce = results.get("core", {}).get("eval_result_metrics", {}).get("model_performance_preservation", {})
         if "ce_loss_score" in ce:
             metrics["ce_loss_recovered"] = ce["ce_loss_score"]
-    trained.tracker.finish({**metrics, **evaluation_numbers(results)}, trained.cfg.steps - 1)  # the last logged step
+        if "sparse_probing" in results:
+            metrics["probing"] = probing_headline(results["sparse_probing"])
+    numbers = {k: v for k, v in metrics.items() if k != "probing"}  # the probing numbers are in results too
+    trained.tracker.finish({**numbers, **evaluation_numbers(results)}, trained.cfg.steps - 1)  # the last logged step
     return metrics
 
 

@@ -69,10 +69,11 @@ class Settings:
 
 
 def eval_config(quick: bool) -> EvalConfig:
-    """The default evaluations; ``quick`` probes two datasets on a few hundred texts."""
+    """Every evaluation, probing every dataset at full size; ``quick`` probes two datasets on a
+    few hundred texts."""
     if quick:
         return EvalConfig(datasets=("sst2", "uci_sentiment"), train_size=200, test_size=100)
-    return EvalConfig()
+    return EvalConfig(datasets=("all",))
 
 
 # -- one run: calibrate, then evaluate the chosen try --------------------------------------
