@@ -29,12 +29,13 @@ from esosae.sae.model import DualLayerSAE
 pytestmark = pytest.mark.usefixtures("one_thread")
 WORKER = Path(__file__).with_name("saelens_worker.py")
 ARCHS = {"esosae": ["--m1", "32", "--m2", "24"], "relu": ["--arch", "relu", "--m1", "32"],
-         "topk": ["--arch", "topk", "--m1", "32", "--k", "5"]}
+         "topk": ["--arch", "topk", "--m1", "32", "--k", "5"], "jumprelu": ["--arch", "jumprelu", "--m1", "32"],
+         "batchtopk": ["--arch", "batchtopk", "--m1", "32", "--k", "5"]}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """{arch: run directory} of three finished tiny runs sharing one activation cache."""
+    """{arch: run directory} of finished tiny runs, one per architecture, sharing one activation cache."""
     tmp = tmp_path_factory.mktemp("export")
     text = write_txt(tmp / "text.txt", 150)
     with pytest.MonkeyPatch.context() as mp:
@@ -57,7 +58,8 @@ def heldout(run: Path) -> torch.Tensor:
 
 
 def test_each_arch_is_written_as_its_saelens_architecture(runs, tmp_path):
-    for arch, want in (("esosae", ["jumprelu", "jumprelu"]), ("relu", ["standard"]), ("topk", ["topk"])):
+    for arch, want in (("esosae", ["jumprelu", "jumprelu"]), ("relu", ["standard"]), ("topk", ["topk"]),
+                       ("jumprelu", ["jumprelu"]), ("batchtopk", ["jumprelu"])):
         out = tmp_path / arch
         assert export_cli.main([str(runs[arch]), "--format", "saelens", str(out)]) == 0
         dirs = [out] if len(want) == 1 else [out / "layer1", out / "layer2"]
@@ -67,7 +69,7 @@ def test_each_arch_is_written_as_its_saelens_architecture(runs, tmp_path):
             assert c["normalize_activations"] == "none" and c["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
             assert c["metadata"]["model_name"] == TINY and c["metadata"]["prepend_bos"] is True
         weights = load_file(str(dirs[0] / saelens.WEIGHTS))
-        assert set(weights) == {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if arch == "esosae" else set())
+        assert set(weights) == {"W_enc", "b_enc", "W_dec", "b_dec"} | ({"threshold"} if want[0] == "jumprelu" else set())
     assert json.loads((tmp_path / "topk" / "cfg.json").read_text())["k"] == 5
     assert (load_file(str(tmp_path / "esosae" / "layer2" / saelens.WEIGHTS))["b_dec"] == 0).all()
     assert export_cli.main([str(runs["relu"]), "--format", "saelens", str(tmp_path / "esosae"), "--overwrite"]) == 0
@@ -79,7 +81,7 @@ def test_exports_load_in_saelens_and_match_ours(runs, tmp_path):
     if problem:
         pytest.skip(problem)
     classes = saelens_matches_ours(runs, tmp_path)
-    assert classes == ["JumpReLUSAE", "JumpReLUSAE", "StandardSAE", "TopKSAE"]
+    assert classes == ["JumpReLUSAE", "JumpReLUSAE", "StandardSAE", "TopKSAE", "JumpReLUSAE", "JumpReLUSAE"]
 
 
 @pytest.mark.slow

@@ -8,6 +8,8 @@ tensor names from its ``state_dict``):
     relu      standard    f = relu(a)                                        W_enc b_enc W_dec b_dec
     topk      topk        f = the k largest of relu(a)   (cfg field k)       W_enc b_enc W_dec b_dec
     esosae    jumprelu    f = relu(a) · 1[a > θ]                             + threshold
+    jumprelu  jumprelu    (its learned θ)                                    + threshold
+    batchtopk jumprelu    (θ its global inference threshold, every feature)  + threshold
 
 and decode x̂ = f W_dec + b_dec for all. E-SOSAE's θ is the threshold the saved SAE encodes
 with (its ``theta`` buffers): τ·clamp(μ, μ_min, μ_max) as set for the last step, which is
@@ -87,9 +89,11 @@ def jumprelu(state: dict[str, torch.Tensor], cfg: SAEConfig, i: int = 1) -> Laye
 
 
 ARCHS: dict[str, Callable[[dict[str, torch.Tensor], SAEConfig], Layer]] = {
-    "relu": standard, "topk": topk, "esosae": jumprelu,
+    "relu": standard, "topk": topk, "esosae": jumprelu, "jumprelu": jumprelu, "batchtopk": jumprelu,
 }
-"""Our architecture → its layer 1 as a SAELens SAE. Layer 2 (E-SOSAE only) is a jumprelu."""
+"""Our architecture → its layer 1 as a SAELens SAE. Layer 2 (E-SOSAE only) is a jumprelu. A
+saved JumpReLU SAE encodes with its learned θ = τ·μ, a saved BatchTopK SAE with its one
+global inference threshold (both in ``theta1``): each a SAELens jumprelu."""
 
 
 def hook_name(hook: str) -> str:
