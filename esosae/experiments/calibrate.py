@@ -10,8 +10,19 @@ L0 responds to the knobs roughly as a power law, so each new try solves
   the default run, docs/default_run.md) and -1 for λ, from the last try alone;
 - a step never scales the knob by more than 8× either way.
 
-A try is accepted when |L0 / target − 1| ≤ ``BAND``; after ``max_tries`` the closest try is
-kept and the report says it missed the band. TopK's L0 is k itself: one try.
+A try is accepted when |L0 / target − 1| ≤ the band (``BAND`` unless the budget sets
+another); after ``max_tries`` the closest try is kept and the report says it missed the
+band. TopK's L0 is k itself: one try. A per-layer calibration moves τ₁'s and τ₂'s factors
+apart, each by the rule above on its own layer's L0 against half the target.
+
+Any metric y is also read at the exact target from the tries (``interpolate``): linear in
+log L0 between the closest try above and the closest below,
+
+    y* = y_a + (y_b − y_a) · log(target / L0_a) / log(L0_b / L0_a),
+
+or, when the tries do not bracket the target, the same line through the two closest
+(``extrapolated``) if the closest is within ``EXTRAPOLATE`` of the target; else, or from a
+single try, nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from dataclasses import dataclass
 BAND = 0.2
 PRIOR_SLOPE = {"tau_scale": -1.9, "l1_coeff": -1.0}
 MAX_STEP = 8.0
+EXTRAPOLATE = 0.1
 
 
 @dataclass
@@ -32,8 +44,8 @@ class Attempt:
     l0: float
 
 
-def in_band(l0: float, target: float) -> bool:
-    return abs(l0 / target - 1.0) <= BAND
+def in_band(l0: float, target: float, band: float = BAND) -> bool:
+    return abs(l0 / target - 1.0) <= band
 
 
 def next_knob(knob_name: str, attempts: list[Attempt], target: float) -> float:
@@ -57,3 +69,26 @@ def next_knob(knob_name: str, attempts: list[Attempt], target: float) -> float:
 def best(attempts: list[Attempt], target: float) -> int:
     """Index of the try closest to the target on a log scale."""
     return min(range(len(attempts)), key=lambda i: abs(math.log(max(attempts[i].l0, 1e-6) / target)))
+
+
+def interpolate(tries: list[dict], target: float, key: str) -> dict | None:
+    """``key`` of the tries (dicts with 'l0', 'try' and maybe ``key``) read at L0 = target:
+    {'value', 'from': [try names], 'l0': [their L0s], 'values', 'extrapolated'}, or None
+    when fewer than two tries with distinct L0 hold ``key``."""
+    have = [t for t in tries if t.get(key) is not None and t["l0"] > 0]
+    if len({t["l0"] for t in have}) < 2:
+        return None
+    above = sorted((t for t in have if t["l0"] >= target), key=lambda t: t["l0"])
+    below = sorted((t for t in have if t["l0"] < target), key=lambda t: -t["l0"])
+    if above and below:
+        pair, extrapolated = [below[0], above[0]], False
+    else:
+        near = sorted(have, key=lambda t: abs(math.log(t["l0"] / target)))
+        if abs(near[0]["l0"] / target - 1) > EXTRAPOLATE:
+            return None
+        pair = [near[0]] + [t for t in near[1:] if t["l0"] != near[0]["l0"]][:1]
+        extrapolated = True
+    a, b = pair
+    w = math.log(target / a["l0"]) / math.log(b["l0"] / a["l0"])
+    return {"value": a[key] + (b[key] - a[key]) * w, "from": [a["try"], b["try"]], "l0": [a["l0"], b["l0"]],
+            "values": [a[key], b[key]], "extrapolated": extrapolated}
