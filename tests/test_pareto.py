@@ -76,8 +76,17 @@ def test_interpolation_at_the_exact_target():
     near = calibrate.interpolate(tries[1:], 38.0, "fvu")
     assert near["extrapolated"] and near["value"] > 0.1
     assert calibrate.interpolate(tries[1:], 20.0, "fvu") is None  # too far outside the tries
-    assert calibrate.interpolate(tries[:1], 20.0, "fvu") is None
+    assert calibrate.interpolate(tries[:1], 21.0, "fvu") is None  # one try, not at the target
     assert calibrate.interpolate(tries, 32.0, "kl_div") is None
+    exact = calibrate.interpolate([{"try": "k", "l0": 32.0, "fvu": 0.3}], 32.0, "fvu")  # TopK: L0 = k
+    assert exact["value"] == 0.3 and exact["from"] == ["k"]
+
+
+def test_batchtopk_moves_an_integer_k_along_l0():
+    """Its held-out L0 (a global threshold) is not k: k moves ∝ target / L0, rounded."""
+    v, b = next(v for v in PARETO_GRID if v.name == "batchtopk_l0x1_s0"), pareto_budgets(quick=False)["easy"]
+    state = {"start": 4.0, "attempts": [{"knob": 4.0, "l0": 3.0}]}
+    assert experiments._knobs(v, b, state) == (5.0, None)
 
 
 def test_pca_floor_is_the_tail_of_the_spectrum():

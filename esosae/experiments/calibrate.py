@@ -6,7 +6,7 @@ L0 responds to the knobs roughly as a power law, so each new try solves
 - the pair is the closest try above the target and the closest below it once the tries
   bracket the target (the step is then an interpolation), else the last two tries;
 - b is the pair's secant slope ``log(L0_b / L0_a) / log(knob_b / knob_a)`` when it moved L0
-  the expected way (b < -0.1), else the prior slope: -1.9 for the τ_T factor (measured on
+  the expected way (b · prior > 0.1), else the prior slope: -1.9 for the τ_T factor (measured on
   the default run, docs/default_run.md) and -1 for λ, from the last try alone;
 - a step never scales the knob by more than 8× either way.
 
@@ -22,7 +22,7 @@ log L0 between the closest try above and the closest below,
 
 or, when the tries do not bracket the target, the same line through the two closest
 (``extrapolated``) if the closest is within ``EXTRAPOLATE`` of the target; else, or from a
-single try, nothing.
+single try, nothing. A try within ``EXACT`` of the target (TopK's) is read as it is.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ import math
 from dataclasses import dataclass
 
 BAND = 0.2
-PRIOR_SLOPE = {"tau_scale": -1.9, "l1_coeff": -1.0}
+PRIOR_SLOPE = {"tau_scale": -1.9, "l1_coeff": -1.0, "k": 1.0}
 MAX_STEP = 8.0
 EXTRAPOLATE = 0.1
+EXACT = 0.005
 
 
 @dataclass
@@ -59,7 +60,7 @@ def next_knob(knob_name: str, attempts: list[Attempt], target: float) -> float:
         pair = tuple(attempts[-2:])
     if len(pair) == 2 and pair[0].l0 > 0 and pair[1].l0 > 0 and pair[0].knob != pair[1].knob:
         secant = math.log(pair[1].l0 / pair[0].l0) / math.log(pair[1].knob / pair[0].knob)
-        if secant < -0.1:
+        if secant * slope > 0.1:  # moved L0 the expected way
             last, slope = pair[1], secant
     l0 = max(last.l0, 1e-3)  # a run that went silent still needs a finite step
     factor = (target / l0) ** (1.0 / slope)
@@ -76,6 +77,10 @@ def interpolate(tries: list[dict], target: float, key: str) -> dict | None:
     {'value', 'from': [try names], 'l0': [their L0s], 'values', 'extrapolated'}, or None
     when fewer than two tries with distinct L0 hold ``key``."""
     have = [t for t in tries if t.get(key) is not None and t["l0"] > 0]
+    exact = [t for t in have if abs(t["l0"] / target - 1) <= EXACT]
+    if exact:  # TopK: L0 = k
+        t = exact[0]
+        return {"value": t[key], "from": [t["try"]], "l0": [t["l0"]], "values": [t[key]], "extrapolated": False}
     if len({t["l0"] for t in have}) < 2:
         return None
     above = sorted((t for t in have if t["l0"] >= target), key=lambda t: t["l0"])

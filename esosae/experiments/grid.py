@@ -35,6 +35,8 @@ GRID_FILE = "grid.json"
 """The grid folder's record of its settings, variants and invocations (runner writes, report reads)."""
 CALIBRATION_FILE = "calibration.json"
 """Each run folder's calibration tries and chosen try."""
+ATOMS_FILE = "atoms.json"
+"""A planted-source try's per-atom frequency and best decoder cosine (the recovery plot)."""
 
 
 @dataclass(frozen=True)

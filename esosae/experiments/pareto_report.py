@@ -4,8 +4,8 @@ Two steps, so that every number in the report can be traced to a small committed
 
 1. ``collect`` reads each run folder (``calibration.json`` and the chosen try's
    ``eval/*.json``, ``atoms.json``) and writes ``runs/<source>/<slug>.json``: the run's
-   settings, every calibration try, the metrics of the chosen try and the metrics read at
-   the exact target L0 (``calibrate.interpolate``).
+   settings, every calibration try, the metrics of the chosen try and those read at the
+   exact target L0 from the tries (``calibrate.interpolate``, with the pair it used).
 2. ``render`` reads ``runs/**/*.json`` (and ``grid.json`` for how it was run) and writes
    ``report.md`` and ``plots/*.png``; nothing else.
 
@@ -26,7 +26,8 @@ import matplotlib.pyplot as plt  # its backend: Agg, chosen by esosae.evals.plot
 import numpy as np
 
 from esosae.evals import plots
-from esosae.experiments.grid import CALIBRATION_FILE, GRID_FILE
+from esosae.experiments import calibrate
+from esosae.experiments.grid import ATOMS_FILE, CALIBRATION_FILE, GRID_FILE
 from esosae.run.atomic import atomic_write_text
 from esosae.run.layout import EVAL_DIR
 
@@ -36,7 +37,8 @@ BOOT = 2000
 SOURCE_TITLES = {"lm": "Language model", "easy": "Planted dictionary, easy", "hard": "Planted dictionary, hard"}
 METHODS = ("relu", "topk", "batchtopk", "jumprelu", "esosae_v1", "esosae_v2")
 ABLATIONS = ("linear", "const", "unclamped", "fixed_mu", "gamma_linear", "gamma_none", "no_orth", "layer1")
-ATOMS_FILE = "atoms.json"
+AT_TARGET = ("fvu", "ce_loss_score", "ce_delta_nats", "kl_div")
+"""The metrics also read at the exact target L0 from the tries (calibrate.interpolate)."""
 FREQ_BINS = 8
 
 
@@ -67,9 +69,10 @@ def run_record(cal: dict[str, Any], source: str, slug: str, try_dir: Path | None
         "steps": cal.get("steps"), "target_l0": cal.get("target_l0"), "band": cal.get("band"),
         "status": cal.get("status"), "error": cal.get("error"), "in_band": cal.get("in_band"),
         "knob": cal.get("knob"), "tries": cal.get("attempts", []), "chosen": cal.get("chosen"),
-        "at_target": {k: (x or {}).get("value") for k, x in cal.get("at_target", {}).items()},
-        "interpolation": cal.get("at_target", {}).get("fvu"),
     }
+    at = {k: calibrate.interpolate(rec["tries"], rec["target_l0"], k) for k in AT_TARGET} if rec["tries"] else {}
+    rec["at_target"] = {k: (x or {}).get("value") for k, x in at.items()}
+    rec["interpolation"] = at.get("fvu")
     if try_dir is None:
         return rec
     core = _read(try_dir / EVAL_DIR / "core.json").get("eval_result_metrics", {})
@@ -248,9 +251,9 @@ def interpolation_table(runs: list[dict[str, Any]]) -> list[str]:
         if not i:
             rows.append([r["slug"], r["target_l0"], "—", "—", "—", "one try (or one L0)"])
             continue
-        rows.append([r["slug"], r["target_l0"], f"{i['from'][0]}: {fmt(i['l0'][0])} / {i['from'][1]}: {fmt(i['l0'][1])}",
-                     f"{fmt(i['values'][0])} / {fmt(i['values'][1])}", i["value"],
-                     "extrapolated" if i["extrapolated"] else "bracketed"])
+        how = "at the target" if len(i["from"]) == 1 else "extrapolated" if i["extrapolated"] else "bracketed"
+        rows.append([r["slug"], r["target_l0"], " / ".join(f"{t}: {fmt(x)}" for t, x in zip(i["from"], i["l0"])),
+                     " / ".join(fmt(x) for x in i["values"]), i["value"], how])
     return table(["run", "target L0", "tries (L0)", "their FVU", "FVU at target", "how"], rows)
 
 

@@ -40,15 +40,24 @@ from esosae.config import ConfigError, PosInt, Range, Seed
 from esosae.errors import UserError
 from esosae.evals.config import EvalConfig
 from esosae.experiments import calibrate, report
-from esosae.experiments.grid import (CALIBRATION_FILE, GRID_FILE, Budget, Variant, budgets, default_knob,
-                                     QUICK_SEEDS, pareto_budgets, select, train_config)
+from esosae.experiments.grid import (
+    ATOMS_FILE,
+    CALIBRATION_FILE,
+    GRID_FILE,
+    QUICK_SEEDS,
+    Budget,
+    Variant,
+    budgets,
+    default_knob,
+    pareto_budgets,
+    select,
+    train_config,
+)
 from esosae.run.atomic import atomic_write_text
 from esosae.run.layout import EVAL_DIR
 
 PROG = "python -m esosae.experiments"
 EVAL_FILES = ("core", "sparse_probing", "curriculum")
-ATOMS_FILE = "atoms.json"
-"""A planted-source try's per-atom frequency and best decoder cosine (the recovery plot)."""
 SOURCES = ("lm", "easy", "hard")
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -117,17 +126,14 @@ def _knobs(v: Variant, b: Budget, state: dict[str, Any]) -> tuple[float, float |
     if not tries:
         return state["start"], (state["start"] if per_layer(v, b) else None)
     if not per_layer(v, b):
-        return calibrate.next_knob(v.knob, [calibrate.Attempt(a["knob"], a["l0"]) for a in tries], target), None
+        knob = calibrate.next_knob(v.knob, [calibrate.Attempt(a["knob"], a["l0"]) for a in tries], target)
+        return (float(max(1, round(knob))) if v.knob == "k" else knob), None
     return tuple(calibrate.next_knob(v.knob, [calibrate.Attempt(a[k], a[l0] or 0.0) for a in tries], target / 2)
                  for k, l0 in (("knob", "l0_1"), ("knob2", "l0_2")))  # type: ignore[return-value]
 
 
 def per_layer(v: Variant, b: Budget) -> bool:
     return b.per_layer and v.arch == "esosae" and v.layers == 2
-
-
-AT_TARGET = ("fvu", "ce_loss_score", "ce_delta_nats", "kl_div")
-"""The metrics also read at the exact target L0 from the tries (calibrate.interpolate)."""
 
 
 def _try_core(try_dir: Path) -> dict[str, Any]:
@@ -138,7 +144,8 @@ def _try_core(try_dir: Path) -> dict[str, Any]:
 
 def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: float | None, say: Any) -> dict[str, Any]:
     """Calibrate ``v`` on ``b`` (or pick up where an earlier invocation stopped), evaluate the
-    chosen try, read the headline metrics at the exact target; returns calibration.json's contents."""
+    chosen try (on the language model also the CE figures of the try that the reading at the
+    exact target pairs it with); returns calibration.json's contents."""
     from esosae.evals.run import run_all
 
     path = vdir / CALIBRATION_FILE
@@ -151,13 +158,18 @@ def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: floa
                  "attempts": state.get("attempts", []), "chosen": None, "status": "training"}
     while state["status"] == "training":
         attempts = [calibrate.Attempt(a["knob"], a["l0"]) for a in state["attempts"]]
-        if attempts and (calibrate.in_band(attempts[-1].l0, target, b.band) or v.knob == "k"
+        if attempts and (calibrate.in_band(attempts[-1].l0, target, b.band) or v.arch == "topk"
                          or len(attempts) >= s.max_tries):
             state["chosen"] = calibrate.best(attempts, target)
             state["in_band"] = calibrate.in_band(attempts[state["chosen"]].l0, target, b.band)
             state["status"] = "evaluating"
             break
         knob, knob2 = _knobs(v, b, state)
+        if v.knob == "k" and any(a.knob == knob for a in attempts):  # BatchTopK: no other integer k is nearer
+            state["chosen"] = calibrate.best(attempts, target)
+            state["in_band"] = calibrate.in_band(attempts[state["chosen"]].l0, target, b.band)
+            state["status"] = "evaluating"
+            break
         name = f"try{len(attempts)}"
         shown = f"{knob:.4g}" + (f", τ₂ factor {knob2:.4g}" if knob2 is not None else "")
         say(f"{v.slug}: {name}, {v.knob} = {shown} ({steps} steps × {b.batch_size})")
@@ -185,7 +197,6 @@ def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: floa
             if ce:
                 a.update(ce_loss_score=ce["ce_loss_score"], ce_delta_nats=ce.get("ce_delta_nats"),
                          kl_div=ce.get("kl_div"))
-    state["at_target"] = {k: calibrate.interpolate(state["attempts"], target, k) for k in AT_TARGET}
     state["status"] = "done"
     _save(path, state)
     return state
@@ -260,14 +271,14 @@ def seconds_per_step(source: str, b: Budget, out: Path) -> tuple[float, str]:
 
 def plan(sources: list[str], variants: tuple[Variant, ...], s: Settings, out: Path, jobs: int) -> list[str]:
     """One line per source: runs, the ones still to train, and the estimated wall time: three
-    tries per calibrated run (one for k) at the rate of ``seconds_per_step``, plus
+    tries per calibrated run (one for TopK) at the rate of ``seconds_per_step``, plus
     ``EVAL_SECONDS`` per run, halved for two runs side by side (the rate was measured so)."""
     lines, total = [], 0.0
     for src in sources:
         b, vs = s.budgets[src], variants
         todo = [v for v in vs if (report.read_json(out / src / v.slug / CALIBRATION_FILE) or {}).get("status") != "done"]
         rate, how = seconds_per_step(src, b, out)
-        secs = sum((1 if v.knob == "k" else min(3, s.max_tries)) * b.steps_of(v) * rate + EVAL_SECONDS[src]
+        secs = sum((1 if v.arch == "topk" else min(3, s.max_tries)) * b.steps_of(v) * rate + EVAL_SECONDS[src]
                    for v in todo) / 2  # two side by side, at the rate measured that way
         total += secs
         lines.append(f"plan {src}: {len(vs)} runs ({len(vs) - len(todo)} done), {b.steps} steps × {b.batch_size}, "
