@@ -149,7 +149,7 @@ def fake_run(source, v, rng, target):
                                                       "ce_delta_nats": float(rng.uniform(0.05, 0.3))},
            "interpolation": interp, "l0": l0, "fvu": tries[1]["fvu"], "ce_delta_nats": float(rng.uniform(0.1, 0.4)),
            "kl_div": float(rng.uniform(0.1, 0.4)), "ce_loss_score": float(rng.uniform(0.5, 1)),
-           "dead_pct": float(rng.uniform(0, 5)), "probe_top1_auc": float(rng.uniform(0.5, 0.9)),
+           "dead_pct": float(rng.uniform(0, 5)), "dead_pct_train_final": float(rng.uniform(0, 9)), "probe_top1_auc": float(rng.uniform(0.5, 0.9)),
            "align_r": float(rng.uniform(0.5, 1)), "align_r_given_step": float(rng.uniform(-0.5, 0.5)), "pca_fvu": 0.5,
            "align_r_control": float(rng.uniform(0.5, 1))}
     return rec
@@ -180,7 +180,8 @@ def parse_tables(text):
 
 AGG_KEYS = {"L0": "l0", "FVU": "fvu", "FVU at target": "fvu*", "ΔCE (nats)": "ce_delta_nats",
             "ΔCE at target": "ce_delta_nats*", "KL": "kl_div", "KL at target": "kl_div*", "CE rec.": "ce_loss_score",
-            "top-1 AUC": "probe_top1_auc", "atom rec.": "atom_recovery", "dead % (held-out)": "dead_pct"}
+            "top-1 AUC": "probe_top1_auc", "atom rec.": "atom_recovery", "dead % (held-out)": "dead_pct",
+            "dead % (last window)": "dead_pct_train_final"}
 
 
 def check_report_against_json(folder):

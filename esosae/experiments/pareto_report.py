@@ -201,7 +201,7 @@ def columns(lm: bool, planted: bool) -> list[tuple[str, str]]:
                  ("kl_div*", "KL at target"), ("ce_loss_score", "CE rec."), ("probe_top1_auc", "top-1 AUC")]
     if planted:
         cols += [("atom_recovery", "atom rec."), ("probe_top1_auc", "top-1 AUC")]
-    return cols + [("dead_pct", "dead % (held-out)")]
+    return cols + [("dead_pct", "dead % (held-out)"), ("dead_pct_train_final", "dead % (last window)")]
 
 
 def aggregate_table(rows_of: list[tuple[str, list[dict]]], cols: list[tuple[str, str]]) -> list[str]:
@@ -394,8 +394,9 @@ def how_run(out: Path) -> list[str]:
                     "middle target L0 (also ½×, 2×)", "band", "dead window (tokens)"], rows)
     lines += [(f"Up to {g.get('max_tries')} calibration tries per run; E-SOSAE's τ₁ and τ₂ factors are calibrated "
                "apart (each layer to half the target), so every variant has its own layer ratio. "
-               "'dead % (held-out)' counts features that fire on no held-out token; the logged dead % over "
-               "training uses the dead window above (a tenth of the run's tokens)."), ""]
+               "'dead % (held-out)' counts features that fire on no held-out token; 'dead % (last window)' "
+               "those that fired on none of the last training tokens of the dead window above (a tenth of "
+               "the run's tokens)."), ""]
     return lines
 
 
