@@ -107,7 +107,7 @@ def test_kl_sum_matches_torch_and_is_zero_for_the_same_logits():
 
 def test_alignment_controls():
     """The partial correlation given the step removes a shared linear trend but not a shared
-    saturating one; the control run's drop against the same s(t) shows that second case."""
+    saturating one; the const run's drop against the same s(t) shows that second case."""
     t = np.arange(200.0)
     rng = np.random.default_rng(1)
     line = t / 200 + 0.05 * rng.standard_normal(200)
@@ -116,7 +116,7 @@ def test_alignment_controls():
     s = 1 - np.exp(-t / 40)  # a schedule, and an L0 drop that does not follow it but also saturates
     other = 1 - np.exp(-t / 60) + 0.02 * rng.standard_normal(200)
     assert partial_given(s, other, t) > 0.9  # the limit of this control
-    runs = [{"method": "topk", "seed": 0, "l0_factor": 1.0, "steps_factor": 1.0, "status": "done",
+    runs = [{"method": "const", "seed": 0, "l0_factor": 1.0, "steps_factor": 1.0, "status": "done",
              "curves": {"step": t.tolist(), "l0": (10 - 9 * other).tolist(), "schedule_progress": s.tolist()}},
             {"method": "esosae_v2", "seed": 0, "l0_factor": 1.0, "steps_factor": 1.0, "status": "done",
              "curves": {"step": t.tolist(), "l0": (10 - 9 * s).tolist(), "schedule_progress": s.tolist()}}]
