@@ -1,15 +1,19 @@
-"""``python -m esosae.experiments``: the comparison grid of METHOD.md §8, then its report.
+"""``python -m esosae.experiments``: a comparison grid (METHOD.md §8's, or the Pareto grid
+of esosae.experiments.grid.pareto_grid), then its report.
 
     python -m esosae.experiments                       # the full grid: lm, easy, hard
     python -m esosae.experiments --quick               # ten tiny runs on the embedded model
     python -m esosae.experiments --runs 0,2 --sources lm --out experiments/two
+    python -m esosae.experiments --grid pareto --plan  # the Pareto grid: its runs and estimated time
 
 Layout of ``--out``::
 
     grid.json                               the budgets, seed and evaluation settings
     <source>/runNN_<name>/calibration.json  the knob's tries, the chosen one, status
     <source>/runNN_<name>/tryK/             one train.py run directory per try
+    <source>/runNN_<name>/tryK/atoms.json    planted sources: per-atom frequency and best |cos|
     report.md, plots/*.png                  esosae.report, rewritten at every invocation
+    runs/<source>/runNN_<name>.json         the Pareto grid: each run's figures, what its report reads
 
 Resumable at any point: finished runs are skipped (a rerun of a finished grid trains
 nothing and rewrites the report), an interrupted try resumes from its last checkpoint, and
@@ -339,9 +343,9 @@ class GridFlags:
     runs: str | None = None
     """Comma list of run numbers or ranges a-b (default: all)."""
     seed: Seed = 0
-    """Seed of every run (run 9 adds 1)."""
+    """Seed of every run (plus the variant's seed offset: run 9 of the method grid, the pareto grid's seeds 1, 2)."""
     max_tries: Annotated[int, Range(ge=1)] | None = None
-    """Calibration tries per run (default: 3; 2 with --quick)."""
+    """Calibration tries per run (default: 3, 2 with --quick; the pareto grid 6, 4 with --quick)."""
     jobs: Annotated[int, Range(ge=1)] = min(2, os.cpu_count() or 1)
     """Runs trained side by side, each on cores/jobs threads (default: 2, or 1 on one core)."""
     retry_failed: bool = False
