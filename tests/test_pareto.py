@@ -87,6 +87,10 @@ def test_batchtopk_moves_an_integer_k_along_l0():
     v, b = next(v for v in PARETO_GRID if v.name == "batchtopk_l0x1_s0"), pareto_budgets(quick=False)["easy"]
     state = {"start": 4.0, "attempts": [{"knob": 4.0, "l0": 3.0}]}
     assert experiments._knobs(v, b, state) == (5.0, None)
+    tries = [calibrate.Attempt(4.0, 3.9)]  # in the band, not at the target: one more try, to bracket it
+    assert not experiments._matched(v, b, tries, 4.0)
+    assert experiments._matched(v, b, tries + [calibrate.Attempt(5.0, 4.05)], 4.0)
+    assert experiments._matched(v, b, [calibrate.Attempt(4.0, 3.99)], 4.0)
 
 
 def test_pca_floor_is_the_tail_of_the_spectrum():

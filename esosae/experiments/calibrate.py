@@ -12,7 +12,11 @@ L0 responds to the knobs roughly as a power law, so each new try solves
 
 A try is accepted when |L0 / target − 1| ≤ the band (``BAND`` unless the budget sets
 another); after ``max_tries`` the closest try is kept and the report says it missed the
-band. TopK's L0 is k itself: one try. A per-layer calibration moves τ₁'s and τ₂'s factors
+band. A k (TopK, BatchTopK) moves along L0 ∝ k (slope +1), rounded to an integer, or by
+one when the rounding repeats a try; in the band it stops once its L0 is within ``EXACT``
+of the target or tries bracket it (TopK's held-out L0 falls below k on tokens with fewer
+than k positive pre-activations; BatchTopK's, a global threshold at inference, is not k),
+so that its figures can be read at the exact target. A per-layer calibration moves τ₁'s and τ₂'s factors
 apart, each by the rule above on its own layer's L0 against half the target.
 
 Any metric y is also read at the exact target from the tries (``interpolate``): linear in

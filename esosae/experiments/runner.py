@@ -136,6 +136,18 @@ def _knobs(v: Variant, b: Budget, state: dict[str, Any]) -> tuple[float, float |
                  for k, l0 in (("knob", "l0_1"), ("knob2", "l0_2")))  # type: ignore[return-value]
 
 
+def _matched(v: Variant, b: Budget, attempts: list[calibrate.Attempt], target: float) -> bool:
+    """Calibration is over: the last try is in the band, and a k (TopK, BatchTopK) has also
+    landed within ``calibrate.EXACT`` of the target or has tries on both sides of it, so that
+    its figures can be read at the exact target."""
+    if not calibrate.in_band(attempts[-1].l0, target, b.band):
+        return False
+    if v.knob != "k":
+        return True
+    l0s = [a.l0 for a in attempts]
+    return abs(l0s[-1] / target - 1) <= calibrate.EXACT or (min(l0s) < target < max(l0s))
+
+
 def per_layer(v: Variant, b: Budget) -> bool:
     return b.per_layer and v.arch == "esosae" and v.layers == 2
 
@@ -162,18 +174,14 @@ def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: floa
                  "attempts": state.get("attempts", []), "chosen": None, "status": "training"}
     while state["status"] == "training":
         attempts = [calibrate.Attempt(a["knob"], a["l0"]) for a in state["attempts"]]
-        if attempts and (calibrate.in_band(attempts[-1].l0, target, b.band) or v.arch == "topk"
-                         or len(attempts) >= s.max_tries):
+        if attempts and (_matched(v, b, attempts, target) or len(attempts) >= s.max_tries):
             state["chosen"] = calibrate.best(attempts, target)
             state["in_band"] = calibrate.in_band(attempts[state["chosen"]].l0, target, b.band)
             state["status"] = "evaluating"
             break
         knob, knob2 = _knobs(v, b, state)
-        if v.knob == "k" and any(a.knob == knob for a in attempts):  # BatchTopK: no other integer k is nearer
-            state["chosen"] = calibrate.best(attempts, target)
-            state["in_band"] = calibrate.in_band(attempts[state["chosen"]].l0, target, b.band)
-            state["status"] = "evaluating"
-            break
+        if v.knob == "k" and any(a.knob == knob for a in attempts):  # no other integer k is nearer: step by 1
+            knob = attempts[-1].knob + (1.0 if attempts[-1].l0 < target else -1.0)
         name = f"try{len(attempts)}"
         shown = f"{knob:.4g}" + (f", τ₂ factor {knob2:.4g}" if knob2 is not None else "")
         say(f"{v.slug}: {name}, {v.knob} = {shown} ({steps} steps × {b.batch_size})")
@@ -275,14 +283,14 @@ def seconds_per_step(source: str, b: Budget, out: Path) -> tuple[float, str]:
 
 def plan(sources: list[str], variants: tuple[Variant, ...], s: Settings, out: Path, jobs: int) -> list[str]:
     """One line per source: runs, the ones still to train, and the estimated wall time: three
-    tries per calibrated run (one for TopK) at the rate of ``seconds_per_step``, plus
+    tries per calibrated run (1.5 for TopK) at the rate of ``seconds_per_step``, plus
     ``EVAL_SECONDS`` per run, halved for two runs side by side (the rate was measured so)."""
     lines, total = [], 0.0
     for src in sources:
         b, vs = s.budgets[src], variants
         todo = [v for v in vs if (report.read_json(out / src / v.slug / CALIBRATION_FILE) or {}).get("status") != "done"]
         rate, how = seconds_per_step(src, b, out)
-        secs = sum((1 if v.arch == "topk" else min(3, s.max_tries)) * b.steps_of(v) * rate + EVAL_SECONDS[src]
+        secs = sum((1.5 if v.arch == "topk" else min(3, s.max_tries)) * b.steps_of(v) * rate + EVAL_SECONDS[src]
                    for v in todo) / 2  # two side by side, at the rate measured that way
         total += secs
         lines.append(f"plan {src}: {len(vs)} runs ({len(vs) - len(todo)} done), {b.steps} steps × {b.batch_size}, "
