@@ -182,6 +182,11 @@ def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: floa
         knob, knob2 = _knobs(v, b, state)
         if v.knob == "k" and any(a.knob == knob for a in attempts):  # no other integer k is nearer: step by 1
             knob = attempts[-1].knob + (1.0 if attempts[-1].l0 < target else -1.0)
+            if any(a.knob == knob for a in attempts) or knob < 1:  # both neighbours tried: keep the closest
+                state["chosen"] = calibrate.best(attempts, target)
+                state["in_band"] = calibrate.in_band(attempts[state["chosen"]].l0, target, b.band)
+                state["status"] = "evaluating"
+                break
         name = f"try{len(attempts)}"
         shown = f"{knob:.4g}" + (f", τ₂ factor {knob2:.4g}" if knob2 is not None else "")
         say(f"{v.slug}: {name}, {v.knob} = {shown} ({steps} steps × {b.batch_size})")
