@@ -316,7 +316,7 @@ def convergence_table(runs: list[dict[str, Any]]) -> list[str]:
 
 def pareto_plot(runs: list[dict[str, Any]], key: str, ylabel: str, path: Path, title: str,
                 floor: str | None = None) -> bool:
-    """One line per method against the target L0 (mean over seeds), a band of ± one std."""
+    """One line per method against the target L0 (mean over seeds), a band and bars of ± one std."""
     fig, ax = plt.subplots(figsize=(7, 5))
     drawn = False
     for m in METHODS:
@@ -327,15 +327,15 @@ def pareto_plot(runs: list[dict[str, Any]], key: str, ylabel: str, path: Path, t
         x = np.array([p[0] for p in pts])
         y = np.array([p[1]["mean"] for p in pts])
         sd = np.array([p[1]["std"] or 0.0 for p in pts])
-        ax.plot(x, y, marker="o", label=m)
-        ax.fill_between(x, y - sd, y + sd, alpha=0.2)
+        line = ax.errorbar(x, y, yerr=sd, marker="o", capsize=3, label=m)  # bars: ± one std (one L0 has no band)
+        ax.fill_between(x, y - sd, y + sd, alpha=0.2, color=line[0].get_color())
         drawn = True
     if floor:
-        pts = [(group(runs, m, f)[0]["target_l0"], metric(group(runs, m, f), floor)) for f in (0.5, 1.0, 2.0)
-               for m in METHODS[:1] if group(runs, m, f)]
+        at = {f: [r for m in METHODS for r in group(runs, m, f)] for f in (0.5, 1.0, 2.0)}
+        pts = [(rs[0]["target_l0"], metric(rs, floor)) for rs in at.values() if rs]
         pts = [(x, s["mean"]) for x, s in pts if s]
         if pts:
-            ax.plot(*zip(*pts), "k--", label="PCA, k = L0")
+            ax.plot(*zip(*pts), "k--x", label="PCA, k = L0")
     if not drawn:
         plt.close(fig)
         return False
