@@ -10,6 +10,11 @@
             the hook's text positions zeroed (0); see ``ce_loss_recovered``. The clean and
             zero-ablation losses do not depend on the SAE: they are cached per (model, hook,
             held-out tokens) under ``<cache>/ce/``, so each further SAE costs one forward pass
+    ΔCE   = CE_sae − CE_clean, in nats per scored token
+    KL    = mean over scored positions of KL(p_clean ‖ p_sae) of the next-token distributions
+            (one more clean pass, batch by batch, beside the spliced one)
+    PCA floor = FVU of the best rank-k linear reconstruction of the activations (k = the
+            L0 compared against), 1 − Σ_{i≤k} λ_i / Σ_i λ_i with λ the covariance's eigenvalues
 """
 
 from __future__ import annotations
@@ -112,6 +117,24 @@ def heldout_contexts(cfg: TrainConfig, tokenizer: Any, bos_id: int,
     return torch.stack(held)
 
 
+@torch.no_grad()
+def pca_fvu(x: torch.Tensor, k: int) -> float:
+    """FVU of projecting the rows of ``x`` (N, d) on their own top-k principal components: a
+    dense linear code as wide as the SAE's L0, fit on the same rows (an optimistic floor)."""
+    x64 = x.double()
+    xc = x64 - x64.mean(0)  # (N, d)
+    eig = torch.linalg.eigvalsh(xc.T @ xc).flip(0).clamp_min(0)  # (d,), descending
+    return float(1 - eig[:min(k, len(eig))].sum() / eig.sum())
+
+
+def _kl_sum(logits_p: torch.Tensor, logits_q: torch.Tensor, scored: torch.Tensor) -> float:
+    """Σ over scored positions of KL(p ‖ q) = Σ_v p_v (log p_v − log q_v); logits (B, T, V)."""
+    logp = torch.log_softmax(logits_p[:, :-1].float(), dim=-1)  # (B, T − 1, V)
+    logq = torch.log_softmax(logits_q[:, :-1].float(), dim=-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)  # (B, T − 1)
+    return kl[scored].double().sum().item()
+
+
 def _ce_sum(logits: torch.Tensor, tokens: torch.Tensor, scored: torch.Tensor) -> float:
     """Σ of next-token cross-entropy over the scored positions; logits (B, T, V), scored (B, T − 1)."""
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T − 1, V)
@@ -133,7 +156,8 @@ def _splice(fn: Callable[[torch.Tensor], torch.Tensor], keep: torch.Tensor,
 
 @torch.no_grad()
 def ce_sums(lm: LoadedModel, tokens: torch.Tensor, hook: str, passes: dict[str, Callable | None],
-            batch: int = 8, on_clean: Callable[[torch.Tensor], None] | None = None) -> dict[str, float]:
+            batch: int = 8, on_clean: Callable[[torch.Tensor], None] | None = None,
+            kl: bool = False) -> dict[str, float]:
     """Σ next-token CE per pass over the scored positions of ``tokens`` (n, T), and their count.
 
     ``passes`` maps a name to what replaces the text-position activations at ``hook``
@@ -141,8 +165,12 @@ def ce_sums(lm: LoadedModel, tokens: torch.Tensor, hook: str, passes: dict[str, 
     made at a text position of a text token (input and target both kept by ``lm.keep``);
     BOS, separator and pad positions keep their clean activations. ``on_clean`` receives
     the clean text-position rows (N, d) of every batch, from the first replacing pass.
+    With ``kl``, ``kl_<name>`` is Σ KL(clean ‖ pass) of every replacing pass, from a clean
+    pass run batch by batch beside them.
     """
     sums = dict.fromkeys(passes, 0.0)
+    if kl:
+        sums.update({f"kl_{name}": 0.0 for name, fn in passes.items() if fn is not None})
     n_scored = 0
     for start in range(0, len(tokens), batch):
         toks = tokens[start:start + batch].to(lm.device)  # (b, T)
@@ -150,11 +178,14 @@ def ce_sums(lm: LoadedModel, tokens: torch.Tensor, hook: str, passes: dict[str, 
         scored = keep[:, :-1] & keep[:, 1:]  # (b, T − 1)
         n_scored += int(scored.sum())
         grab = on_clean
+        clean = lm.bridge.run_with_hooks(toks, fwd_hooks=[]) if kl else None  # (b, T, V)
         for name, fn in passes.items():
             hooks = [] if fn is None else [(hook, _splice(fn, keep, grab))]
             grab = None if fn is not None else grab
             logits = lm.bridge.run_with_hooks(toks, fwd_hooks=hooks)  # (b, T, V)
             sums[name] += _ce_sum(logits, toks, scored)
+            if kl and fn is not None:
+                sums[f"kl_{name}"] += _kl_sum(clean, logits, scored)
     if n_scored == 0:
         raise text.DataError("the held-out contexts hold no text-token predictions to score CE loss on")
     return {**sums, "n_scored": n_scored}
@@ -191,16 +222,18 @@ def ce_loss_recovered(lm: LoadedModel, tokens: torch.Tensor, hook: str,
 
     where the spliced run replaces the hook's text-position activations x by
     ``reconstruct(x)`` and the zero-ablated one by 0 (``ce_sums``). With ``cache``, the clean
-    and zero sums are read from (or stored in) it, so only the spliced pass runs.
+    and zero sums are read from (or stored in) it, so only the spliced pass and the clean
+    pass of the KL run. Also ΔCE = CE_sae − CE_clean and the mean KL(clean ‖ spliced), in nats.
     """
     base = ce_baselines(lm, tokens, hook, batch, cache)
-    sae = ce_sums(lm, tokens, hook, {"sae": reconstruct}, batch, on_clean)
+    sae = ce_sums(lm, tokens, hook, {"sae": reconstruct}, batch, on_clean, kl=True)
     if sae["n_scored"] != base["n_scored"]:
         raise text.DataError("cached CE baselines were scored on other positions; delete the ce/ cache")
     ce = {"clean": base["clean"] / base["n_scored"], "zero": base["zero"] / base["n_scored"],
           "sae": sae["sae"] / sae["n_scored"]}
     return {"ce_loss_without_sae": ce["clean"], "ce_loss_with_sae": ce["sae"], "ce_loss_with_ablation": ce["zero"],
-            "ce_loss_score": (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]), "ce_tokens": sae["n_scored"]}
+            "ce_loss_score": (ce["zero"] - ce["sae"]) / (ce["zero"] - ce["clean"]), "ce_tokens": sae["n_scored"],
+            "ce_delta_nats": ce["sae"] - ce["clean"], "kl_div": sae["kl_sae"] / sae["n_scored"]}
 
 
 def lm_core_metrics(sae: DualLayerSAE, lm: LoadedModel, cfg: TrainConfig, batch: int = 8,

@@ -21,6 +21,11 @@ Alignment, on the logged steps t_0 < t_1 < … (resampled to the regular ``log_e
                       s(t), ℓ* < 0 that it leads it; ``best_lag_at_bound`` says ℓ* hit the
                       limit (the true lag may be larger)
 
+    control           r_t = the partial correlation of s and D given the step,
+                      (r_sD − r_st·r_Dt) / √((1 − r_st²)(1 − r_Dt²)): how much of r(0)
+                      is more than both curves moving with t (any monotone schedule
+                      correlates with any falling L0, even a TopK run's unused s(t))
+
 and the same for γ(t) against the normalized fall of the mean cross-layer |c_ij|
 (``cos_mean``, logged on a sample of pairs). A constant s(t) or γ(t) (schedule ``const``,
 γ warmup ``none`` or γ_max = 0) or a flat curve has no correlation: null, with the reason.
@@ -101,7 +106,8 @@ def lagged_pearson(a: np.ndarray, b: np.ndarray, max_lag: int) -> dict[int, floa
 def alignment(steps: np.ndarray, driver: np.ndarray | None, response: np.ndarray | None,
               driver_name: str, response_name: str) -> dict[str, Any]:
     """r(0), ℓ* (in steps) and r(ℓ*) of ``driver`` against the normalized drop of ``response``."""
-    empty = {"pearson": None, "best_lag_steps": None, "pearson_at_best_lag": None, "best_lag_at_bound": None}
+    empty = {"pearson": None, "best_lag_steps": None, "pearson_at_best_lag": None, "best_lag_at_bound": None,
+             "pearson_given_step": None}
     if driver is None or response is None:
         return {**empty, "reason": f"the run logs no {driver_name if driver is None else response_name}"}
     grid = regular_grid(steps)
@@ -118,7 +124,14 @@ def alignment(steps: np.ndarray, driver: np.ndarray | None, response: np.ndarray
     best = max(r, key=lambda lag: (r[lag], -abs(lag)))
     spacing = int(steps[1] - steps[0]) if len(steps) > 1 else 0
     return {"pearson": r.get(0), "best_lag_steps": best * spacing, "pearson_at_best_lag": r[best],
-            "best_lag_at_bound": abs(best) == max_lag}
+            "best_lag_at_bound": abs(best) == max_lag, "pearson_given_step": partial_given(driver, drop, steps)}
+
+
+def partial_given(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> float | None:
+    """Partial correlation of a and b given t (None when a or b is a linear function of t)."""
+    r = np.corrcoef(np.stack([a, b, t.astype(float)]))
+    den = (1 - r[0, 2] ** 2) * (1 - r[1, 2] ** 2)
+    return float((r[0, 1] - r[0, 2] * r[1, 2]) / np.sqrt(den)) if den > 1e-12 else None
 
 
 def settle_step(steps: np.ndarray, y: np.ndarray, tol: float = SETTLE) -> int:

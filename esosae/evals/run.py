@@ -90,7 +90,8 @@ def core_eval(run: Run, cfg: EvalConfig) -> dict[str, Any]:
     metrics: dict[str, dict[str, Any]] = {}
     if run.is_lm:
         metrics["model_performance_preservation"] = {k: m[k] for k in (
-            "ce_loss_score", "ce_loss_with_ablation", "ce_loss_with_sae", "ce_loss_without_sae")}
+            "ce_loss_score", "ce_loss_with_ablation", "ce_loss_with_sae", "ce_loss_without_sae", "ce_delta_nats",
+            "kl_div")}
     metrics["reconstruction_quality"] = {"explained_variance": 1 - m["fvu"], "fvu": m["fvu"], "mse": m["mse"]}
     metrics["sparsity"] = {"l0": m["l0"], **{f"l0_{i}": m[f"l0_{i}"] for i in layers}}
     metrics["feature_density"] = {k: m[k] for k in ["dead_pct", "dense_pct"] + [

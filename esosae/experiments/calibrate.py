@@ -6,12 +6,27 @@ L0 responds to the knobs roughly as a power law, so each new try solves
 - the pair is the closest try above the target and the closest below it once the tries
   bracket the target (the step is then an interpolation), else the last two tries;
 - b is the pair's secant slope ``log(L0_b / L0_a) / log(knob_b / knob_a)`` when it moved L0
-  the expected way (b < -0.1), else the prior slope: -1.9 for the τ_T factor (measured on
+  the expected way (b · prior > 0.1), else the prior slope: -1.9 for the τ_T factor (measured on
   the default run, docs/default_run.md) and -1 for λ, from the last try alone;
 - a step never scales the knob by more than 8× either way.
 
-A try is accepted when |L0 / target − 1| ≤ ``BAND``; after ``max_tries`` the closest try is
-kept and the report says it missed the band. TopK's L0 is k itself: one try.
+A try is accepted when |L0 / target − 1| ≤ the band (``BAND`` unless the budget sets
+another); after ``max_tries`` the closest try is kept and the report says it missed the
+band. A k (TopK, BatchTopK) moves along L0 ∝ k (slope +1), rounded to an integer, or by
+one when the rounding repeats a try; in the band it stops once its L0 is within ``EXACT``
+of the target or tries bracket it (TopK's held-out L0 falls below k on tokens with fewer
+than k positive pre-activations; BatchTopK's, a global threshold at inference, is not k),
+so that its figures can be read at the exact target. A per-layer calibration moves τ₁'s and τ₂'s factors
+apart, each by the rule above on its own layer's L0 against half the target.
+
+Any metric y is also read at the exact target from the tries (``interpolate``): linear in
+log L0 between the closest try above and the closest below,
+
+    y* = y_a + (y_b − y_a) · log(target / L0_a) / log(L0_b / L0_a),
+
+or, when the tries do not bracket the target, the same line through the two closest
+(``extrapolated``) if the closest is within ``EXTRAPOLATE`` of the target; else, or from a
+single try, nothing. A try within ``EXACT`` of the target (TopK's) is read as it is.
 """
 
 from __future__ import annotations
@@ -20,8 +35,10 @@ import math
 from dataclasses import dataclass
 
 BAND = 0.2
-PRIOR_SLOPE = {"tau_scale": -1.9, "l1_coeff": -1.0}
+PRIOR_SLOPE = {"tau_scale": -1.9, "l1_coeff": -1.0, "k": 1.0}
 MAX_STEP = 8.0
+EXTRAPOLATE = 0.1
+EXACT = 0.005
 
 
 @dataclass
@@ -32,8 +49,8 @@ class Attempt:
     l0: float
 
 
-def in_band(l0: float, target: float) -> bool:
-    return abs(l0 / target - 1.0) <= BAND
+def in_band(l0: float, target: float, band: float = BAND) -> bool:
+    return abs(l0 / target - 1.0) <= band
 
 
 def next_knob(knob_name: str, attempts: list[Attempt], target: float) -> float:
@@ -47,7 +64,7 @@ def next_knob(knob_name: str, attempts: list[Attempt], target: float) -> float:
         pair = tuple(attempts[-2:])
     if len(pair) == 2 and pair[0].l0 > 0 and pair[1].l0 > 0 and pair[0].knob != pair[1].knob:
         secant = math.log(pair[1].l0 / pair[0].l0) / math.log(pair[1].knob / pair[0].knob)
-        if secant < -0.1:
+        if secant * slope > 0.1:  # moved L0 the expected way
             last, slope = pair[1], secant
     l0 = max(last.l0, 1e-3)  # a run that went silent still needs a finite step
     factor = (target / l0) ** (1.0 / slope)
@@ -57,3 +74,30 @@ def next_knob(knob_name: str, attempts: list[Attempt], target: float) -> float:
 def best(attempts: list[Attempt], target: float) -> int:
     """Index of the try closest to the target on a log scale."""
     return min(range(len(attempts)), key=lambda i: abs(math.log(max(attempts[i].l0, 1e-6) / target)))
+
+
+def interpolate(tries: list[dict], target: float, key: str) -> dict | None:
+    """``key`` of the tries (dicts with 'l0', 'try' and maybe ``key``) read at L0 = target:
+    {'value', 'from': [try names], 'l0': [their L0s], 'values', 'extrapolated'}, or None
+    when fewer than two tries with distinct L0 hold ``key``."""
+    have = [t for t in tries if t.get(key) is not None and t["l0"] > 0]
+    exact = [t for t in have if abs(t["l0"] / target - 1) <= EXACT]
+    if exact:  # TopK: L0 = k
+        t = exact[0]
+        return {"value": t[key], "from": [t["try"]], "l0": [t["l0"]], "values": [t[key]], "extrapolated": False}
+    if len({t["l0"] for t in have}) < 2:
+        return None
+    above = sorted((t for t in have if t["l0"] >= target), key=lambda t: t["l0"])
+    below = sorted((t for t in have if t["l0"] < target), key=lambda t: -t["l0"])
+    if above and below:
+        pair, extrapolated = [below[0], above[0]], False
+    else:
+        near = sorted(have, key=lambda t: abs(math.log(t["l0"] / target)))
+        if abs(near[0]["l0"] / target - 1) > EXTRAPOLATE:
+            return None
+        pair = [near[0]] + [t for t in near[1:] if t["l0"] != near[0]["l0"]][:1]
+        extrapolated = True
+    a, b = pair
+    w = math.log(target / a["l0"]) / math.log(b["l0"] / a["l0"])
+    return {"value": a[key] + (b[key] - a[key]) * w, "from": [a["try"], b["try"]], "l0": [a["l0"], b["l0"]],
+            "values": [a[key], b[key]], "extrapolated": extrapolated}

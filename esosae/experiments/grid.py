@@ -22,11 +22,14 @@ from typing import Any
 
 from esosae.config import (AUTO_DEFAULTS, V1_METHOD, V1_TAU_FINAL, ConfigError, SAEConfig, Synthetic, TrainConfig,
                            choices, field_specs)
+from esosae.experiments.calibrate import PRIOR_SLOPE
 
 GRID_FILE = "grid.json"
 """The grid folder's record of its settings, variants and invocations (runner writes, report reads)."""
 CALIBRATION_FILE = "calibration.json"
 """Each run folder's calibration tries and chosen try."""
+ATOMS_FILE = "atoms.json"
+"""A planted-source try's per-atom frequency and best decoder cosine (the recovery plot)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,12 @@ class Variant:
     gamma_warmup: str = "synced"
     orthogonality: bool = True
     seed_offset: int = 0
+    layers: int = 2
+    """E-SOSAE's layers: 1 is layer 1 alone, at both layers' width and the whole target L0."""
+    l0_factor: float = 1.0
+    """Target total L0 = the budget's target × this (the Pareto grid's three L0s)."""
+    steps_factor: float = 1.0
+    """Steps = the budget's steps × this (the Pareto grid's convergence check)."""
     note: str = ""
     v1_taus: bool = False
     """Layer 2's τ_T at v1's ratio to layer 1's where v1 had one (esosae.config.V1_TAU_FINAL)."""
@@ -86,7 +95,49 @@ V2_GRID: tuple[Variant, ...] = (
     Variant(9, "esosae_seed1", seed_offset=1, note="second seed of run 2 (consistency)"),
 )
 """The v2 comparison (``--grid v2``): the baselines, v2, v1 and each v2 mechanism alone."""
-GRIDS = {"method": METHOD_GRID, "v2": V2_GRID}
+
+
+def pareto_grid() -> tuple[Variant, ...]:
+    """The Pareto grid, run numbers in this order:
+
+    - 0–53: six methods (ReLU, TopK, BatchTopK, JumpReLU, E-SOSAE v1, E-SOSAE v2 = today's
+      SAEConfig defaults) × three target L0s (½, 1, 2 × the budget's) × seeds 0, 1, 2;
+    - 54–77: eight ablations of v2 at the middle L0 × three seeds: linear / const schedule,
+      unclamped / fixed margins, linear / no γ warmup, no orthogonality, layer 1 alone;
+    - 78–89: the six methods at the middle L0, seed 0, at ½ and 2 × the steps (with the
+      1 × runs above: the convergence check).
+
+    ``--quick`` keeps seeds 0 and 1 (``QUICK_SEEDS``).
+    """
+    methods = (Variant(0, "relu", arch="relu", note="ReLU + L1"),
+               Variant(0, "topk", arch="topk", note="TopK"),
+               Variant(0, "batchtopk", arch="batchtopk", note="BatchTopK"),
+               Variant(0, "jumprelu", arch="jumprelu", note="JumpReLU"),
+               Variant(0, "esosae_v1", extra=tuple(V1_METHOD.items()), v1_taus=True, note="E-SOSAE v1"),
+               Variant(0, "esosae_v2", note="E-SOSAE v2"))
+    ablation = (Variant(0, "linear", schedule="linear", note="v2, linear schedule"),
+                Variant(0, "const", schedule="const", note="v2, no curriculum"),
+                Variant(0, "unclamped", clamp_margins=False, note="v2, unclamped margins"),
+                Variant(0, "fixed_mu", margins="fixed", note="v2, fixed margins (μ = 1)"),
+                Variant(0, "gamma_linear", gamma_warmup="linear", note="v2, unsynchronized γ warmup"),
+                Variant(0, "gamma_none", gamma_warmup="none", note="v2, no γ warmup"),
+                Variant(0, "no_orth", orthogonality=False, note="v2, no orthogonality (γ = 0)"),
+                Variant(0, "layer1", layers=1, note="v2, layer 1 alone"))
+    rows = [(m, f, s, 1.0) for m in methods for f in (0.5, 1.0, 2.0) for s in range(3)]
+    rows += [(a, 1.0, s, 1.0) for a in ablation for s in range(3)]
+    rows += [(m, 1.0, 0, t) for m in methods for t in (0.5, 2.0)]
+    out = []
+    for run, (v, f, seed, t) in enumerate(rows):
+        steps = f"_steps{t:g}x" if t != 1 else ""
+        out.append(dataclasses.replace(v, run=run, name=f"{v.name}_l0x{f:g}_s{seed}{steps}", seed_offset=seed,
+                                       l0_factor=f, steps_factor=t,
+                                       note=f"{v.note}, L0 × {f:g}, seed {seed}" + (f", steps × {t:g}" if t != 1 else "")))
+    return tuple(out)
+
+
+PARETO_GRID = pareto_grid()
+QUICK_SEEDS = 2
+GRIDS = {"method": METHOD_GRID, "v2": V2_GRID, "pareto": PARETO_GRID}
 
 IDENTITY = ("run", "name", "note")
 """The fields of a Variant that name it; every other field is a setting."""
@@ -131,10 +182,24 @@ class Budget:
     harvest_tokens: int | None = None
     eval_tokens: int | None = None
     lr: float | None = None
+    band: float = 0.2
+    """A run is matched when |L0 / target − 1| ≤ band."""
+    per_layer: bool = False
+    """Calibrate E-SOSAE's τ₁ and τ₂ factors apart (each layer to half the target), so that
+    every variant gets its own layer ratio; else one factor on both (the default run's ratio)."""
+    dead_window: int | None = None
+    """Tokens without firing that make a feature dead in the logged dead % (default: the trainer's)."""
 
     @property
     def tokens(self) -> int:
         return self.steps * self.batch_size
+
+    def target(self, v: Variant) -> float:
+        """Variant ``v``'s target total L0."""
+        return self.target_l0 * v.l0_factor
+
+    def steps_of(self, v: Variant) -> int:
+        return max(1, round(self.steps * v.steps_factor))
 
 
 def budgets(quick: bool, tokens: int | None = None, synthetic_steps: int | None = None) -> dict[str, Budget]:
@@ -172,17 +237,39 @@ def budgets(quick: bool, tokens: int | None = None, synthetic_steps: int | None 
     return full
 
 
+def pareto_budgets(quick: bool, tokens: int | None = None, synthetic_steps: int | None = None) -> dict[str, Budget]:
+    """The Pareto grid's budgets: the method grid's widths and middle L0s, ±5% matching,
+    per-layer τ calibration, and a dead window of a tenth of the run's tokens.
+
+    Full: 1,200 steps × 1,024 tokens on the language model (middle total L0 32: 16, 32, 64),
+    2,000 × 1,024 on the planted sources (easy 2, 4, 8; hard 4, 8, 16). ``quick``: the quick
+    method budgets, the same rules. ``tokens`` and
+    ``synthetic_steps`` replace the language model's tokens and the planted sources' steps.
+    """
+    if quick:
+        base = budgets(True, tokens, synthetic_steps or 100)
+    else:
+        base = budgets(False, tokens or 1200 * 1024, synthetic_steps or 2000)
+        base["lm"] = dataclasses.replace(base["lm"], harvest_tokens=max(300_000, base["lm"].tokens))  # one pass
+    return {k: dataclasses.replace(b, band=0.05, per_layer=True, dead_window=max(b.batch_size, b.tokens // 10))
+            for k, b in base.items()}
+
+
 def default_knob(v: Variant, b: Budget) -> float:
-    """The knob's starting value: the source's defaults (TopK: the target itself)."""
+    """The knob's starting value: the source's defaults, moved along the calibration's prior
+    slope to a target of l0_factor × the default one (TopK, BatchTopK: the target itself)."""
+    move = v.l0_factor ** (1 / PRIOR_SLOPE[v.knob]) if v.knob in PRIOR_SLOPE else 1.0
     if v.knob == "tau_scale":
-        return 1.0
+        return move
     if v.knob == "l1_coeff":
-        return float(AUTO_DEFAULTS[b.source]["l0_coeff" if v.arch == "jumprelu" else "l1_coeff_relu"])
-    return float(round(b.target_l0))
+        return move * float(AUTO_DEFAULTS[b.source]["l0_coeff" if v.arch == "jumprelu" else "l1_coeff_relu"])
+    return float(round(b.target(v)))
 
 
-def train_config(v: Variant, b: Budget, knob: float, seed: int, run_dir: str) -> TrainConfig:
-    """The TrainConfig of variant ``v`` at knob value ``knob``; evaluation is the grid's job."""
+def train_config(v: Variant, b: Budget, knob: float, seed: int, run_dir: str,
+                 knob2: float | None = None) -> TrainConfig:
+    """The TrainConfig of variant ``v`` at knob value ``knob`` (and ``knob2``, the τ₂ factor
+    of a per-layer calibration; default ``knob``); evaluation is the grid's job."""
     auto = AUTO_DEFAULTS[b.source]
     data: dict[str, Any] = {"source": "lm" if b.source == "lm" else "synthetic"}
     if b.source != "lm":
@@ -193,26 +280,35 @@ def train_config(v: Variant, b: Budget, knob: float, seed: int, run_dir: str) ->
         data["eval_tokens"] = b.eval_tokens
     sae: dict[str, Any] = {"arch": v.arch}
     schedule: dict[str, Any] = {"schedule": v.schedule, "gamma_warmup": v.gamma_warmup}
-    if v.arch == "esosae":
+    target = b.target(v)
+    if v.arch == "esosae" and v.layers == 1:
+        sae.update(m1=2 * b.m, m2=0, target_l0=target, margins=v.margins, clamp_margins=v.clamp_margins,
+                   gamma_max=0.0)
+        schedule.update(tau_final=auto["tau_final"] * knob)
+    elif v.arch == "esosae":
         tau1 = auto["tau_final"] * knob
-        tau2 = auto.get("tau_final2", auto["tau_final"]) * knob
+        tau2 = auto.get("tau_final2", auto["tau_final"]) * (knob if knob2 is None else knob2)
         if v.v1_taus and b.source in V1_TAU_FINAL:
-            tau1, tau2 = (t * knob for t in V1_TAU_FINAL[b.source])
-        sae.update(m1=b.m, m2=b.m, target_l0=b.target_l0 / 2, margins=v.margins, clamp_margins=v.clamp_margins,
+            v1_tau1, v1_tau2 = V1_TAU_FINAL[b.source]
+            tau1, tau2 = v1_tau1 * knob, v1_tau2 * (knob if knob2 is None else knob2)
+        sae.update(m1=b.m, m2=b.m, target_l0=target / 2, margins=v.margins, clamp_margins=v.clamp_margins,
                    gamma_max=1.0 if v.orthogonality else 0.0)
         schedule.update(tau_final=tau1, tau_final2=tau2)
     else:
-        sae.update(m1=2 * b.m, m2=0, target_l0=b.target_l0)
+        sae.update(m1=2 * b.m, m2=0, target_l0=target)
         if v.knob == "l1_coeff":
             sae["l1_coeff"] = knob
         else:
             sae["k"] = int(round(knob))
     for name, value in v.extra:
         (sae if name in field_specs(SAEConfig) else schedule)[name] = value
-    d: dict[str, Any] = {"data": data, "sae": sae, "schedule": schedule, "steps": b.steps,
+    steps = b.steps_of(v)
+    d: dict[str, Any] = {"data": data, "sae": sae, "schedule": schedule, "steps": steps,
                          "batch_size": b.batch_size, "seed": seed + v.seed_offset, "eval": False,
-                         "log_every": max(1, b.steps // 100), "checkpoint_every": max(1, b.steps // 6),
+                         "log_every": max(1, steps // 100), "checkpoint_every": max(1, steps // 6),
                          "out_dir": run_dir}
+    if b.dead_window is not None:
+        d["dead_window"] = b.dead_window
     if b.lr is not None:
         d["lr"] = b.lr
     return TrainConfig.from_dict(d)

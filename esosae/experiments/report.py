@@ -405,8 +405,13 @@ def header(out: Path, sources: list[str], grid: Grid) -> list[str]:
 
 
 def write_report(out: str | Path) -> Path:
-    """Write ``report.md`` and ``plots/*.png`` for the grid folder ``out``; returns the report path."""
+    """Write ``report.md`` and ``plots/*.png`` for the grid folder ``out``; returns the report path.
+    A Pareto grid's report is esosae.experiments.pareto_report's."""
     out = Path(out)
+    if _json(out / GRID_FILE).get("grid") == "pareto":
+        from esosae.experiments import pareto_report
+
+        return pareto_report.write(out)
     found, grid = load(out), Grid.read(out)
     lines = header(out, list(found), grid)
     for source, runs in found.items():
@@ -424,6 +429,25 @@ def write_report(out: str | Path) -> Path:
     path = out / REPORT_FILE
     atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
     return path
+
+
+PUBLISHED = (REPORT_FILE, GRID_FILE, "reading.md", PLOTS_DIR, "runs")
+"""What ``publish`` copies: the report, its plots, and the small JSON it was written from."""
+
+
+def publish(out: Path, dest: Path) -> None:
+    """Copy the report of ``out``, its plots and the JSON behind it to ``dest`` (e.g.
+    docs/results/pareto), replacing what an earlier publish put there."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PUBLISHED:
+        src, to = out / name, dest / name
+        if src.is_dir():
+            shutil.rmtree(to, ignore_errors=True)
+            shutil.copytree(src, to)
+        elif src.is_file():
+            shutil.copy2(src, to)
 
 
 def main(argv: list[str] | None = None) -> int:

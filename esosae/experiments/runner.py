@@ -1,15 +1,19 @@
-"""``python -m esosae.experiments``: the comparison grid of METHOD.md §8, then its report.
+"""``python -m esosae.experiments``: a comparison grid (METHOD.md §8's, or the Pareto grid
+of esosae.experiments.grid.pareto_grid), then its report.
 
     python -m esosae.experiments                       # the full grid: lm, easy, hard
     python -m esosae.experiments --quick               # ten tiny runs on the embedded model
     python -m esosae.experiments --runs 0,2 --sources lm --out experiments/two
+    python -m esosae.experiments --grid pareto --plan  # the Pareto grid: its runs and estimated time
 
 Layout of ``--out``::
 
     grid.json                               the budgets, seed and evaluation settings
     <source>/runNN_<name>/calibration.json  the knob's tries, the chosen one, status
     <source>/runNN_<name>/tryK/             one train.py run directory per try
+    <source>/runNN_<name>/tryK/atoms.json    planted sources: per-atom frequency and best |cos|
     report.md, plots/*.png                  esosae.report, rewritten at every invocation
+    runs/<source>/runNN_<name>.json         the Pareto grid: each run's figures, what its report reads
 
 Resumable at any point: finished runs are skipped (a rerun of a finished grid trains
 nothing and rewrites the report), an interrupted try resumes from its last checkpoint, and
@@ -40,8 +44,19 @@ from esosae.config import ConfigError, PosInt, Range, Seed
 from esosae.errors import UserError
 from esosae.evals.config import EvalConfig
 from esosae.experiments import calibrate, report
-from esosae.experiments.grid import (CALIBRATION_FILE, GRID_FILE, Budget, Variant, budgets, default_knob, select,
-                                     train_config)
+from esosae.experiments.grid import (
+    ATOMS_FILE,
+    CALIBRATION_FILE,
+    GRID_FILE,
+    QUICK_SEEDS,
+    Budget,
+    Variant,
+    budgets,
+    default_knob,
+    pareto_budgets,
+    select,
+    train_config,
+)
 from esosae.run.atomic import atomic_write_text
 from esosae.run.layout import EVAL_DIR
 
@@ -68,9 +83,12 @@ class Settings:
                 "evals": asdict(self.evals)}
 
 
-def eval_config(quick: bool) -> EvalConfig:
+def eval_config(quick: bool, grid: str = "method") -> EvalConfig:
     """Every evaluation, probing every dataset at full size; ``quick`` probes two datasets on a
-    few hundred texts."""
+    few hundred texts (the Pareto grid's quick runs, many more: four planted atoms at k = 1 and 5)."""
+    if quick and grid == "pareto":
+        return EvalConfig(datasets=("sst2", "uci_sentiment"), train_size=200, test_size=100, k_values=(1, 5),
+                          planted_atoms=4)
     if quick:
         return EvalConfig(datasets=("sst2", "uci_sentiment"), train_size=200, test_size=100)
     return EvalConfig(datasets=("all",))
@@ -83,48 +101,102 @@ def _save(path: Path, state: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(state, indent=1) + "\n")
 
 
-def train_try(v: Variant, b: Budget, knob: float, seed: int, try_dir: Path) -> dict[str, Any]:
-    """Train one try (resuming it if a checkpoint is there); the held-out headline metrics."""
+def train_try(v: Variant, b: Budget, knob: float, seed: int, try_dir: Path,
+              knob2: float | None = None) -> dict[str, Any]:
+    """Train one try (resuming it if a checkpoint is there); the held-out headline metrics,
+    the PCA floor at the try's target L0 and, on a planted source, ``atoms.json``."""
+    from esosae.data.sources import SyntheticSource, atom_recovery
+    from esosae.evals.core import pca_fvu
     from esosae.evals.summary import headline
     from esosae.run.checkpoint import latest_checkpoint
     from esosae.training.loop import run
 
-    cfg = train_config(v, b, knob, seed, str(try_dir))
+    cfg = train_config(v, b, knob, seed, str(try_dir), knob2)
     resume = (try_dir / "config.json").is_file() and latest_checkpoint(try_dir) is not None
     if not resume and try_dir.exists():
         shutil.rmtree(try_dir)  # started, but nothing to resume from
-    return headline(run(cfg, try_dir, resume=resume, progress=False))
+    trained = run(cfg, try_dir, resume=resume, progress=False)
+    h = headline(trained)
+    h["pca_fvu"] = pca_fvu(trained.source.heldout(), round(b.target(v)))
+    if isinstance(trained.source, SyntheticSource):
+        _, best = atom_recovery([trained.model.W_dec1, trained.model.W_dec2], trained.source.atoms)
+        _save(try_dir / ATOMS_FILE, {"freq": trained.source.freqs.tolist(), "best_cos": best.tolist()})
+    return h
+
+
+def _knobs(v: Variant, b: Budget, state: dict[str, Any]) -> tuple[float, float | None]:
+    """The next try's knob (and τ₂ factor under a per-layer calibration)."""
+    target, tries = b.target(v), state["attempts"]
+    if not tries:
+        return state["start"], (state["start"] if per_layer(v, b) else None)
+    if not per_layer(v, b):
+        knob = calibrate.next_knob(v.knob, [calibrate.Attempt(a["knob"], a["l0"]) for a in tries], target)
+        return (float(max(1, round(knob))) if v.knob == "k" else knob), None
+    return tuple(calibrate.next_knob(v.knob, [calibrate.Attempt(a[k], a[l0] or 0.0) for a in tries], target / 2)
+                 for k, l0 in (("knob", "l0_1"), ("knob2", "l0_2")))  # type: ignore[return-value]
+
+
+def _matched(v: Variant, b: Budget, attempts: list[calibrate.Attempt], target: float) -> bool:
+    """Calibration is over: the last try is in the band, and a k (TopK, BatchTopK) has also
+    landed within ``calibrate.EXACT`` of the target or has tries on both sides of it, so that
+    its figures can be read at the exact target."""
+    if not calibrate.in_band(attempts[-1].l0, target, b.band):
+        return False
+    if v.knob != "k":
+        return True
+    l0s = [a.l0 for a in attempts]
+    return abs(l0s[-1] / target - 1) <= calibrate.EXACT or (min(l0s) < target < max(l0s))
+
+
+def per_layer(v: Variant, b: Budget) -> bool:
+    return b.per_layer and v.arch == "esosae" and v.layers == 2
+
+
+def _try_core(try_dir: Path) -> dict[str, Any]:
+    """A try's CE figures from its eval/core.json (empty when it has none)."""
+    m = report.read_json(try_dir / EVAL_DIR / "core.json") or {}
+    return m.get("eval_result_metrics", {}).get("model_performance_preservation", {})
 
 
 def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: float | None, say: Any) -> dict[str, Any]:
     """Calibrate ``v`` on ``b`` (or pick up where an earlier invocation stopped), evaluate the
-    chosen try; returns the final calibration.json contents."""
+    chosen try (on the language model also the CE figures of the try that the reading at the
+    exact target pairs it with); returns calibration.json's contents."""
     from esosae.evals.run import run_all
 
     path = vdir / CALIBRATION_FILE
     state = report.read_json(path) or {}
+    target, steps = b.target(v), b.steps_of(v)
     if state.get("status") != "done":
         start = start_knob if start_knob is not None and v.knob == "tau_scale" else default_knob(v, b)
         state = {"run": v.run, "name": v.name, "note": v.note, "variant": asdict(v), "source": b.source,
-                 "knob": v.knob, "target_l0": b.target_l0, "band": calibrate.BAND, "start": start,
+                 "knob": v.knob, "target_l0": target, "band": b.band, "steps": steps, "start": start,
                  "attempts": state.get("attempts", []), "chosen": None, "status": "training"}
     while state["status"] == "training":
         attempts = [calibrate.Attempt(a["knob"], a["l0"]) for a in state["attempts"]]
-        if attempts and (calibrate.in_band(attempts[-1].l0, b.target_l0) or v.knob == "k"
-                         or len(attempts) >= s.max_tries):
-            state["chosen"] = calibrate.best(attempts, b.target_l0)
-            state["in_band"] = calibrate.in_band(attempts[state["chosen"]].l0, b.target_l0)
+        if attempts and (_matched(v, b, attempts, target) or len(attempts) >= s.max_tries):
+            state["chosen"] = calibrate.best(attempts, target)
+            state["in_band"] = calibrate.in_band(attempts[state["chosen"]].l0, target, b.band)
             state["status"] = "evaluating"
             break
-        knob = state["start"] if not attempts else calibrate.next_knob(v.knob, attempts, b.target_l0)
+        knob, knob2 = _knobs(v, b, state)
+        if v.knob == "k" and any(a.knob == knob for a in attempts):  # no other integer k is nearer: step by 1
+            knob = attempts[-1].knob + (1.0 if attempts[-1].l0 < target else -1.0)
+            if any(a.knob == knob for a in attempts) or knob < 1:  # both neighbours tried: keep the closest
+                state["chosen"] = calibrate.best(attempts, target)
+                state["in_band"] = calibrate.in_band(attempts[state["chosen"]].l0, target, b.band)
+                state["status"] = "evaluating"
+                break
         name = f"try{len(attempts)}"
-        say(f"{v.slug}: {name}, {v.knob} = {knob:.4g} ({b.steps} steps × {b.batch_size})")
+        shown = f"{knob:.4g}" + (f", τ₂ factor {knob2:.4g}" if knob2 is not None else "")
+        say(f"{v.slug}: {name}, {v.knob} = {shown} ({steps} steps × {b.batch_size})")
         t0 = time.perf_counter()
-        h = train_try(v, b, knob, s.seed, vdir / name)
-        state["attempts"].append({"try": name, "knob": knob, "l0": h["l0"], "l0_1": h.get("l0_1"),
-                                  "l0_2": h.get("l0_2"), "fvu": h["fvu"], "wall_s": time.perf_counter() - t0})
+        h = train_try(v, b, knob, s.seed, vdir / name, knob2)
+        state["attempts"].append({"try": name, "knob": knob, "knob2": knob2, "l0": h["l0"], "l0_1": h.get("l0_1"),
+                                  "l0_2": h.get("l0_2"), "fvu": h["fvu"], "pca_fvu": h["pca_fvu"],
+                                  "wall_s": time.perf_counter() - t0})
         _save(path, state)
-        say(f"{v.slug}: {name} → L0 {h['l0']:.1f} (target {b.target_l0:g} ± {calibrate.BAND:.0%}), "
+        say(f"{v.slug}: {name} → L0 {h['l0']:.1f} (target {target:g} ± {b.band:.0%}), "
             f"FVU {h['fvu']:.3f}, {time.perf_counter() - t0:.0f} s")
     chosen = vdir / state["attempts"][state["chosen"]]["try"]
     missing = [e for e in EVAL_FILES if not (chosen / EVAL_DIR / f"{e}.json").is_file()]
@@ -132,6 +204,16 @@ def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: floa
         t0 = time.perf_counter()
         run_all(chosen, progress=False, config=s.evals)
         say(f"{v.slug}: evaluated {chosen.name} ({time.perf_counter() - t0:.0f} s)")
+    if b.source == "lm":  # the CE figures of the interpolation's other try (one forward pass each)
+        pair = calibrate.interpolate(state["attempts"], target, "fvu")
+        for name in (pair or {}).get("from", []):
+            if not _try_core(vdir / name):
+                run_all(vdir / name, only=["core"], progress=False, config=s.evals)
+        for a in state["attempts"]:
+            ce = _try_core(vdir / a["try"])
+            if ce:
+                a.update(ce_loss_score=ce["ce_loss_score"], ce_delta_nats=ce.get("ce_delta_nats"),
+                         kl_div=ce.get("kl_div"))
     state["status"] = "done"
     _save(path, state)
     return state
@@ -158,7 +240,8 @@ def run_source(source: str, variants: tuple[Variant, ...], s: Settings, out: Pat
             say(f"{v.slug} ({i}/{len(variants)}): failed earlier, skipped (--retry-failed to rerun): {state['error']}")
             result[v.slug] = "failed"
             continue
-        ref = report.read_json(out / source / "run02_esosae" / CALIBRATION_FILE) if v.run > 2 else None
+        ref = (report.read_json(out / source / "run02_esosae" / CALIBRATION_FILE)
+               if s.grid == "method" and v.run > 2 else None)
         start = (ref["attempts"][ref["chosen"]]["knob"] if ref and ref.get("status") == "done" else None)
         if state.get("status") != "done":
             say(f"{v.slug}{f' ({i}/{len(variants)})' if len(variants) > 1 else ''}: {v.note}")
@@ -181,14 +264,55 @@ def run_source(source: str, variants: tuple[Variant, ...], s: Settings, out: Pat
     return result
 
 
+# -- the plan and its estimated time -------------------------------------------------------
+
+SECONDS_PER_STEP = {"lm": 0.47, "easy": 0.06, "hard": 0.115}
+"""Seconds per training step of the first grid's full budgets (1,024 tokens; lm 2 × 1,152
+features, easy 2 × 256, hard 2 × 1,024), two runs side by side on the 2-core machine
+(docs/results/report.md's calibration tables); scaled by batch × width for other budgets."""
+EVAL_SECONDS = {"lm": 240.0, "easy": 20.0, "hard": 40.0}
+"""Seconds for a run's evaluations (lm: CE with KL, sparse probing on 8 tasks), a rough figure."""
+REF_WIDTH = {"lm": 1152, "easy": 256, "hard": 1024}
+
+
+def seconds_per_step(source: str, b: Budget, out: Path) -> tuple[float, str]:
+    """This grid's own measured seconds per step on ``source`` (its finished tries), else the
+    first grid's scaled to ``b``; and which one it is."""
+    walls = [(a["wall_s"], cal.get("steps", b.steps)) for p in out.glob(f"{source}/run*/{CALIBRATION_FILE}")
+             for cal in [report.read_json(p) or {}] for a in cal.get("attempts", []) if a.get("wall_s")]
+    if walls:
+        return sum(w for w, _ in walls) / sum(n for _, n in walls), f"measured on {len(walls)} tries"
+    scale = b.batch_size * b.m / (1024 * REF_WIDTH[source])
+    return SECONDS_PER_STEP[source] * scale, "the first grid's rate"
+
+
+def plan(sources: list[str], variants: tuple[Variant, ...], s: Settings, out: Path, jobs: int) -> list[str]:
+    """One line per source: runs, the ones still to train, and the estimated wall time: three
+    tries per calibrated run (1.5 for TopK) at the rate of ``seconds_per_step``, plus
+    ``EVAL_SECONDS`` per run, halved for two runs side by side (the rate was measured so)."""
+    lines, total = [], 0.0
+    for src in sources:
+        b, vs = s.budgets[src], variants
+        todo = [v for v in vs if (report.read_json(out / src / v.slug / CALIBRATION_FILE) or {}).get("status") != "done"]
+        rate, how = seconds_per_step(src, b, out)
+        secs = sum((1.5 if v.arch == "topk" else min(3, s.max_tries)) * b.steps_of(v) * rate + EVAL_SECONDS[src]
+                   for v in todo) / 2  # two side by side, at the rate measured that way
+        total += secs
+        lines.append(f"plan {src}: {len(vs)} runs ({len(vs) - len(todo)} done), {b.steps} steps × {b.batch_size}, "
+                     f"target L0 {b.target_l0:g} ± {b.band:.0%}; ~{secs / 3600:.1f} h left ({how})")
+    lines.append(f"plan total: ~{total / 3600:.1f} h on 2 cores with --jobs {jobs}")
+    return lines
+
+
 def run_parallel(sources: list[str], variants: tuple[Variant, ...], s: Settings, out: Path, retry_failed: bool,
                  jobs: int, results: dict[str, dict[str, str]]) -> None:
     """Runs side by side in ``jobs`` processes of cores/jobs threads each, in grid order; a
     source's runs after run 2 wait for it (they start from its calibrated knob)."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    first = [(src, v) for src in sources for v in variants if v.run <= 2]
-    later = {src: [v for v in variants if v.run > 2] for src in sources}
-    has_run2 = any(v.run == 2 for v in variants)
+    chained = s.grid == "method"  # its runs after run 2 start from run 2's knob
+    first = [(src, v) for src in sources for v in variants if v.run <= 2 or not chained]
+    later = {src: [v for v in variants if v.run > 2 and chained] for src in sources}
+    has_run2 = chained and any(v.run == 2 for v in variants)
     queue = first + ([] if has_run2 else [(src, v) for src in sources for v in later.pop(src)])
     pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn"))
     running: dict[Future, tuple[str, Variant]] = {}
@@ -203,7 +327,7 @@ def run_parallel(sources: list[str], variants: tuple[Variant, ...], s: Settings,
                 results[src].update(fut.result())
                 if "interrupted" in results[src].values():
                     raise KeyboardInterrupt
-                if v.run == 2:
+                if chained and v.run == 2:
                     queue += [(src, w) for w in later.pop(src, [])]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
@@ -217,7 +341,8 @@ class GridFlags:
     """The flags of ``python -m esosae.experiments`` (esosae.args builds the parser from these)."""
 
     grid: str = "method"
-    """Which grid: method (the ten runs of METHOD.md §8) or v2 (baselines, v1, v2 and each v2 mechanism)."""
+    """Which grid: method (the ten runs of METHOD.md §8), v2 (baselines, v1, v2 and each v2 mechanism) or
+    pareto (six methods × three L0s × three seeds, eight ablations, a convergence check)."""
     out: str | None = None
     """Output folder (default: experiments/method, or experiments/quick with --quick)."""
     quick: bool = False
@@ -227,17 +352,21 @@ class GridFlags:
     synthetic_steps: PosInt | None = None
     """Steps per planted-source run (default: 1,000)."""
     sources: str | None = None
-    """Comma list of lm, easy, hard (default: all three; lm alone with --quick)."""
+    """Comma list of lm, easy, hard (default: all three; with --quick lm alone, easy for the pareto grid)."""
     runs: str | None = None
-    """Comma list of run numbers (default: all)."""
+    """Comma list of run numbers or ranges a-b (default: all)."""
     seed: Seed = 0
-    """Seed of every run (run 9 adds 1)."""
+    """Seed of every run (plus the variant's seed offset: run 9 of the method grid, the pareto grid's seeds 1, 2)."""
     max_tries: Annotated[int, Range(ge=1)] | None = None
-    """Calibration tries per run (default: 3; 2 with --quick)."""
+    """Calibration tries per run (default: 3, 2 with --quick; the pareto grid 6, 4 with --quick)."""
     jobs: Annotated[int, Range(ge=1)] = min(2, os.cpu_count() or 1)
     """Runs trained side by side, each on cores/jobs threads (default: 2, or 1 on one core)."""
     retry_failed: bool = False
     """Rerun runs that failed in an earlier invocation."""
+    plan: bool = False
+    """Print the plan (runs per source, those left, estimated time) and exit."""
+    publish: str | None = None
+    """After the report, copy report.md, grid.json, plots/ and runs/ (the per-run JSON) to this folder."""
 
 
 def build_parser() -> OneLineParser:
@@ -247,27 +376,38 @@ def build_parser() -> OneLineParser:
 
 
 def _int_list(text: str, flag: str) -> list[int]:
+    """'0,3,5-7' → [0, 3, 5, 6, 7]."""
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        out: list[int] = []
+        for t in (t.strip() for t in text.split(",") if t.strip()):
+            lo, _, hi = t.partition("-")
+            out += range(int(lo), int(hi or lo) + 1)
+        return out
     except ValueError:
-        raise ConfigError(f"{flag} takes a comma list of integers (got {text!r})") from None
+        raise ConfigError(f"{flag} takes a comma list of integers or ranges a-b (got {text!r})") from None
 
 
 def prepare(argv: list[str]) -> tuple[Settings, Path, list[str], tuple[Variant, ...], argparse.Namespace]:
     """Parse and check everything; writes nothing."""
     ns = build_parser().parse_args(argv)
-    sources = [t.strip() for t in (ns.sources or ("lm" if ns.quick else ",".join(SOURCES))).split(",") if t.strip()]
+    quick_source = "easy" if ns.grid == "pareto" else "lm"  # the Pareto grid's many runs: the fast source
+    sources = [t.strip() for t in (ns.sources or (quick_source if ns.quick else ",".join(SOURCES))).split(",")
+               if t.strip()]
     bad = [t for t in sources if t not in SOURCES]
     if bad or not sources:
         raise ConfigError(f"--sources takes a comma list of {', '.join(SOURCES)} (got {ns.sources!r})")
     variants = select(ns.grid, _int_list(ns.runs, "--runs") if ns.runs else None)
+    if ns.grid == "pareto" and ns.quick:
+        variants = tuple(v for v in variants if v.seed_offset < QUICK_SEEDS)
     if ns.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1 (got {ns.jobs})")
-    max_tries = ns.max_tries if ns.max_tries is not None else (2 if ns.quick else 3)
+    max_tries = ns.max_tries if ns.max_tries is not None else {("method", False): 3, ("method", True): 2,
+                                                                ("pareto", False): 6, ("pareto", True): 4}[ns.grid, ns.quick]
     if max_tries < 1:
         raise ConfigError(f"--max-tries must be >= 1 (got {max_tries})")
-    s = Settings(ns.grid, ns.quick, ns.seed, max_tries, budgets(ns.quick, ns.tokens, ns.synthetic_steps),
-                 eval_config(ns.quick))
+    b = (pareto_budgets(ns.quick, ns.tokens, ns.synthetic_steps) if ns.grid == "pareto"
+         else budgets(ns.quick, ns.tokens, ns.synthetic_steps))
+    s = Settings(ns.grid, ns.quick, ns.seed, max_tries, b, eval_config(ns.quick, ns.grid))
     out = Path(ns.out or f"experiments/{'quick' if ns.quick else ns.grid}")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder")
@@ -306,7 +446,7 @@ def record_invocation(out: Path, s: Settings, argv: list[str], index: int | None
     calls = old.get("invocations", [])
     if index is None:
         calls.append({"command": " ".join([PROG, *argv]), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                      "machine": machine(), "wall_s": None})
+                      "machine": machine(), "load": round(os.getloadavg()[0], 1), "wall_s": None})
         index = len(calls) - 1
     else:
         calls[index]["wall_s"] = wall_s
@@ -323,6 +463,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    for line in plan(sources, variants, s, out, ns.jobs):
+        print(line, flush=True)
+    if ns.plan:
+        return 0
     me = record_invocation(out, s, argv)
     t0 = time.perf_counter()
     results: dict[str, dict[str, str]] = {src: {} for src in sources}
@@ -342,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     record_invocation(out, s, argv, me, time.perf_counter() - t0)
     path = report.write_report(out)
+    if ns.publish:
+        report.publish(out, Path(ns.publish))
     states = [st for r in results.values() for st in r.values()]
     print(f"report: {path} ({time.perf_counter() - t0:.0f} s; "
           f"{states.count('done')} done, {states.count('failed')} failed)")

@@ -1,0 +1,292 @@
+"""The Pareto grid: its plan, per-layer calibration to ±5%, reading metrics at the exact
+target, the new metrics (PCA floor, KL, the alignment's control), and a report whose every
+number is traced back to the per-run JSON it was written from."""
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from esosae.evals.core import _kl_sum, pca_fvu
+from esosae.evals.curriculum import partial_given
+from esosae.experiments import calibrate, pareto_report
+from esosae.experiments import runner as experiments
+from esosae.experiments.grid import PARETO_GRID, Variant, pareto_budgets, train_config
+
+PUBLISHED = Path(__file__).resolve().parent.parent / "docs" / "results" / "pareto"
+
+
+def test_the_plan_is_six_methods_at_three_l0s_and_three_seeds_eight_ablations_and_a_convergence_check():
+    g = PARETO_GRID
+    assert [v.run for v in g] == list(range(90)) and len({v.slug for v in g}) == 90
+    main = [v for v in g[:54]]
+    assert {(v.name.split("_l0x")[0], v.l0_factor, v.seed_offset) for v in main} == {
+        (m, f, s) for m in pareto_report.METHODS for f in (0.5, 1.0, 2.0) for s in range(3)}
+    abl = g[54:78]
+    assert {v.name.split("_l0x")[0] for v in abl} == set(pareto_report.ABLATIONS)
+    assert all(v.l0_factor == 1.0 and v.steps_factor == 1.0 for v in abl)
+    conv = g[78:]
+    assert sorted((v.name.split("_l0x")[0], v.steps_factor) for v in conv) == sorted(
+        (m, t) for m in pareto_report.METHODS for t in (0.5, 2.0))
+    b = pareto_budgets(quick=False)
+    assert b["lm"].steps * b["lm"].batch_size >= 1200 * 1024 and b["easy"].steps == b["hard"].steps == 2000
+    assert all(x.band == 0.05 and x.per_layer for x in b.values())
+    assert b["lm"].target(g[6]) == 2 * b["lm"].target_l0 == 64  # relu, L0 × 2, seed 0
+
+
+def test_run_configs_of_the_pareto_variants():
+    b = pareto_budgets(quick=False)["lm"]
+    by = {v.name: v for v in PARETO_GRID}
+    layer1 = train_config(by["layer1_l0x1_s0"], b, 1.0, 0, "x")
+    assert (layer1.sae.m1, layer1.sae.m2, layer1.sae.target_l0) == (2 * b.m, 0, b.target_l0)
+    v2 = train_config(by["esosae_v2_l0x0.5_s1"], b, 2.0, 0, "x", knob2=3.0)
+    assert v2.sae.target_l0 == b.target_l0 / 4 and v2.seed == 1 and v2.dead_window == b.dead_window
+    assert v2.schedule.tau_final_2 / v2.schedule.tau_final == pytest.approx(3.0 / 2.0 * 0.55 / 0.2)
+    v1 = train_config(by["esosae_v1_l0x1_s0"], b, 1.0, 0, "x")
+    assert (v1.sae.freq_ema, v1.sae.margin_band) == (0.99, 10.0)
+    slow = train_config(by["topk_l0x1_s0_steps2x"], b, 32, 0, "x")
+    assert slow.steps == 2 * b.steps and slow.sae.k == 32
+    assert train_config(by["batchtopk_l0x2_s0"], b, 64, 0, "x").sae.arch == "batchtopk"
+
+
+def test_per_layer_calibration_lands_each_layer_within_five_percent():
+    """Two layers with their own power laws (layer 2 also feels layer 1): within 6 tries."""
+    v, b = Variant(0, "v2"), pareto_budgets(quick=False)["lm"]
+    state = {"start": 1.0, "attempts": []}
+    for _ in range(6):
+        k1, k2 = experiments._knobs(v, b, state)
+        l1, l2 = 40 * k1 ** -2.3, 9 * k2 ** -1.4 * (1 + 0.1 * k1)
+        state["attempts"].append({"knob": k1, "knob2": k2, "l0_1": l1, "l0_2": l2, "l0": l1 + l2})
+        if calibrate.in_band(l1 + l2, 32.0, 0.05):
+            break
+    assert calibrate.in_band(state["attempts"][-1]["l0"], 32.0, 0.05), state["attempts"]
+    assert len(state["attempts"]) <= 6
+
+
+def test_interpolation_at_the_exact_target():
+    tries = [{"try": "a", "l0": 20.0, "fvu": 0.2}, {"try": "b", "l0": 40.0, "fvu": 0.1},
+             {"try": "c", "l0": 80.0, "fvu": 0.05}]
+    i = calibrate.interpolate(tries, 32.0, "fvu")  # log-linear between a and b
+    w = math.log(32 / 20) / math.log(2)
+    assert i["value"] == pytest.approx(0.2 - 0.1 * w) and i["from"] == ["a", "b"] and not i["extrapolated"]
+    near = calibrate.interpolate(tries[1:], 38.0, "fvu")
+    assert near["extrapolated"] and near["value"] > 0.1
+    assert calibrate.interpolate(tries[1:], 20.0, "fvu") is None  # too far outside the tries
+    assert calibrate.interpolate(tries[:1], 21.0, "fvu") is None  # one try, not at the target
+    assert calibrate.interpolate(tries, 32.0, "kl_div") is None
+    exact = calibrate.interpolate([{"try": "k", "l0": 32.0, "fvu": 0.3}], 32.0, "fvu")  # TopK: L0 = k
+    assert exact["value"] == 0.3 and exact["from"] == ["k"]
+
+
+def test_batchtopk_moves_an_integer_k_along_l0():
+    """Its held-out L0 (a global threshold) is not k: k moves ∝ target / L0, rounded."""
+    v, b = next(v for v in PARETO_GRID if v.name == "batchtopk_l0x1_s0"), pareto_budgets(quick=False)["easy"]
+    state = {"start": 4.0, "attempts": [{"knob": 4.0, "l0": 3.0}]}
+    assert experiments._knobs(v, b, state) == (5.0, None)
+    tries = [calibrate.Attempt(4.0, 3.9)]  # in the band, not at the target: one more try, to bracket it
+    assert not experiments._matched(v, b, tries, 4.0)
+    assert experiments._matched(v, b, tries + [calibrate.Attempt(5.0, 4.05)], 4.0)
+    assert experiments._matched(v, b, [calibrate.Attempt(4.0, 3.99)], 4.0)
+
+
+def test_pca_floor_is_the_tail_of_the_spectrum():
+    x = torch.randn(4000, 6, dtype=torch.float64) * torch.tensor([5.0, 3.0, 2.0, 1.0, 0.5, 0.1])
+    ev = torch.linalg.svdvals(x - x.mean(0)) ** 2
+    assert pca_fvu(x, 2) == pytest.approx(float(ev[2:].sum() / ev.sum()), rel=1e-9)
+    assert pca_fvu(x, 6) == pytest.approx(0.0, abs=1e-12) and pca_fvu(x, 0) == pytest.approx(1.0)
+
+
+def test_kl_sum_matches_torch_and_is_zero_for_the_same_logits():
+    p, q = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    scored = torch.rand(2, 4) > 0.3
+    ref = torch.nn.functional.kl_div(torch.log_softmax(q[:, :-1], -1), torch.log_softmax(p[:, :-1], -1),
+                                     log_target=True, reduction="none").sum(-1)[scored].sum()
+    assert _kl_sum(p, q, scored) == pytest.approx(float(ref), rel=1e-5)
+    assert _kl_sum(p, p, scored) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_alignment_controls():
+    """The partial correlation given the step removes a shared linear trend but not a shared
+    saturating one; the const run's drop against the same s(t) shows that second case."""
+    t = np.arange(200.0)
+    rng = np.random.default_rng(1)
+    line = t / 200 + 0.05 * rng.standard_normal(200)
+    assert np.corrcoef(t / 200, line)[0, 1] > 0.9 and abs(partial_given(t / 200 + 0.05 * rng.standard_normal(200),
+                                                                       line, t)) < 0.3
+    s = 1 - np.exp(-t / 40)  # a schedule, and an L0 drop that does not follow it but also saturates
+    other = 1 - np.exp(-t / 60) + 0.02 * rng.standard_normal(200)
+    assert partial_given(s, other, t) > 0.9  # the limit of this control
+    runs = [{"method": "const", "seed": 0, "l0_factor": 1.0, "steps_factor": 1.0, "status": "done",
+             "curves": {"step": t.tolist(), "l0": (10 - 9 * other).tolist(), "schedule_progress": s.tolist()}},
+            {"method": "esosae_v2", "seed": 0, "l0_factor": 1.0, "steps_factor": 1.0, "status": "done",
+             "curves": {"step": t.tolist(), "l0": (10 - 9 * s).tolist(), "schedule_progress": s.tolist()}}]
+    assert pareto_report.control_r(runs[1], runs) == pytest.approx(np.corrcoef(s, other)[0, 1], abs=1e-3)
+
+
+def test_run_ranges_and_the_plan_write_nothing(tmp_path, capsys):
+    assert experiments._int_list("0,3,5-7", "--runs") == [0, 3, 5, 6, 7]
+    out = tmp_path / "p"
+    assert experiments.main(["--grid", "pareto", "--plan", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"plan lm: 90 runs \(0 done\), 1200 steps × 1024, target L0 32 ± 5%; ~[\d.]+ h left", text)
+    assert "plan total:" in text and not out.exists()
+    assert experiments.main(["--grid", "pareto", "--quick", "--plan", "--out", str(out)]) == 0
+    assert "plan easy: 64 runs" in capsys.readouterr().out  # quick: seeds 0 and 1
+
+
+# -- the report against its JSON -------------------------------------------------------------
+
+
+def fake_run(source, v, rng, target):
+    l0 = target * (1 + rng.uniform(-0.08, 0.04))
+    tries = [{"try": "try0", "knob": 1.0, "l0": l0 * 1.5, "fvu": 0.1, "pca_fvu": 0.5, "wall_s": 3.0},
+             {"try": "try1", "knob": 1.4, "l0": l0, "fvu": float(rng.uniform(0.1, 0.3)), "pca_fvu": 0.5, "wall_s": 2.0}]
+    interp = calibrate.interpolate(tries, target, "fvu")
+    rec = {"source": source, "slug": v.slug, "run": v.run, "method": v.name.split("_l0x")[0], "l0_factor": v.l0_factor,
+           "seed": v.seed_offset, "steps_factor": v.steps_factor, "steps": 100, "target_l0": target, "band": 0.05,
+           "status": "done", "error": None, "in_band": abs(l0 / target - 1) <= 0.05, "knob": "tau_scale",
+           "tries": tries, "chosen": 1, "at_target": {"fvu": interp and interp["value"],
+                                                      "ce_delta_nats": float(rng.uniform(0.05, 0.3))},
+           "interpolation": interp, "l0": l0, "fvu": tries[1]["fvu"], "ce_delta_nats": float(rng.uniform(0.1, 0.4)),
+           "kl_div": float(rng.uniform(0.1, 0.4)), "ce_loss_score": float(rng.uniform(0.5, 1)),
+           "dead_pct": float(rng.uniform(0, 5)), "dead_pct_train_final": float(rng.uniform(0, 9)), "probe_top1_auc": float(rng.uniform(0.5, 0.9)),
+           "align_r": float(rng.uniform(0.5, 1)), "align_r_given_step": float(rng.uniform(-0.5, 0.5)), "pca_fvu": 0.5,
+           "align_r_control": float(rng.uniform(0.5, 1))}
+    return rec
+
+
+def parse_tables(text):
+    """[(source, heading, header cells, rows of cells)] of every table in a report."""
+    out, source, heading, lines = [], None, None, text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if m := re.match(r"## .*\(`(\w+)`\)", line):
+            source = m.group(1)
+        elif line.startswith("### "):
+            heading = line[4:]
+        elif line.startswith("| ") and source:
+            head = [c.strip() for c in line.strip("|").split("|")]
+            rows = []
+            i += 2
+            while i < len(lines) and lines[i].startswith("| "):
+                rows.append([c.strip() for c in lines[i].strip("|").split("|")])
+                i += 1
+            out.append((source, heading, head, rows))
+            continue
+        i += 1
+    return out
+
+
+AGG_KEYS = {"L0": "l0", "FVU": "fvu", "FVU at target": "fvu*", "ΔCE (nats)": "ce_delta_nats",
+            "ΔCE at target": "ce_delta_nats*", "KL": "kl_div", "KL at target": "kl_div*", "CE rec.": "ce_loss_score",
+            "top-1 AUC": "probe_top1_auc", "atom rec.": "atom_recovery", "dead % (held-out)": "dead_pct",
+            "dead % (last window)": "dead_pct_train_final"}
+
+
+def check_report_against_json(folder):
+    """Every aggregate cell's mean and std recomputed with numpy from runs/*.json, every
+    calibration try and interpolation cell equal to its JSON value; returns cells checked."""
+    text = (folder / "report.md").read_text()
+    runs = {}
+    for p in (folder / "runs").glob("*/*.json"):
+        r = json.loads(p.read_text())
+        runs.setdefault(r["source"], []).append(r)
+    checked = 0
+    for source, heading, head, rows in parse_tables(text):
+        rs = runs[source]
+        if heading.startswith("Target L0") or heading.startswith("Ablations"):
+            for row in rows:
+                for h, c in zip(head[2:], row[2:]):
+                    factor = (float(re.match(r"Target L0 ([\d.]+)", heading).group(1)) / rs[0]["target_l0"]
+                              * rs[0]["l0_factor"]) if heading.startswith("Target") else 1.0
+                    group = [r for r in rs if r["method"] == row[0] and r["status"] == "done"
+                             and math.isclose(r["l0_factor"], factor) and r["steps_factor"] == 1.0]
+                    key = AGG_KEYS[h]
+                    vals = [(r["at_target"].get(key[:-1]) if key.endswith("*") else r.get(key)) for r in group]
+                    vals = [v for v in vals if v is not None]
+                    assert row[1] == str(len(group)), (heading, row)
+                    if not vals:
+                        assert c == "—", (heading, h, c)
+                        continue
+                    mean = pareto_report.fmt(float(np.mean(vals)))
+                    if len(vals) == 1:
+                        assert c == mean, (heading, h, c)
+                    else:
+                        std = pareto_report.fmt(float(np.std(vals, ddof=1)), 2)
+                        lo, hi = pareto_report.bootstrap(vals)
+                        assert c == f"{mean} ± {std} [{pareto_report.fmt(lo)}, {pareto_report.fmt(hi)}]", (h, c)
+                    checked += 1
+        elif heading == "Calibration tries":
+            by = {r["slug"]: r for r in rs}
+            for row in rows:
+                t = next(t for t in by[row[0]]["tries"] if t["try"] == row[1])
+                assert row[3] == pareto_report.fmt(t["l0"]) and row[6] == pareto_report.fmt(t.get("fvu"))
+                checked += 2
+        elif heading.startswith("FVU at the exact target"):
+            by = {r["slug"]: r for r in rs}
+            for row in rows:
+                i = by[row[0]]["interpolation"]
+                assert row[4] == pareto_report.fmt(i["value"] if i else None)
+                checked += 1
+    return checked
+
+
+def test_every_number_in_the_report_equals_the_json_it_came_from(tmp_path):
+    rng = np.random.default_rng(0)
+    budgets = {"lm": 32.0, "easy": 4.0}
+    for source, base in budgets.items():
+        for v in PARETO_GRID:
+            if v.run % 7 == 3 and v.seed_offset == 1:
+                continue  # some runs missing: groups of two seeds
+            rec = fake_run(source, v, rng, base * v.l0_factor)
+            if v.run == 5:
+                rec.update(status="failed", error="RuntimeError: x", in_band=None)
+            p = tmp_path / "runs" / source / f"{v.slug}.json"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(json.dumps(rec))
+    (tmp_path / "grid.json").write_text(json.dumps({"grid": "pareto", "max_tries": 6, "invocations": [], "budgets": {}}))
+    text = pareto_report.render(tmp_path).read_text()
+    assert check_report_against_json(tmp_path) > 500
+    assert "run05_relu_l0x1_s2: **failed**: RuntimeError: x" in text
+    missed = [v.slug for v in PARETO_GRID if (json.loads((tmp_path / "runs/lm" / f"{v.slug}.json").read_text())
+                                              if (tmp_path / "runs/lm" / f"{v.slug}.json").exists() else {})
+              .get("in_band") is False]
+    lm_part = text.split("(`lm`)")[1].split("###")[0]
+    assert missed and all(f"- {s}: L0" in lm_part for s in missed)
+    for name in ("lm_pareto_fvu", "lm_pareto_dce", "lm_pareto_auc", "easy_pareto_fvu"):
+        assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(not (PUBLISHED / "report.md").exists(), reason="no published Pareto report yet")
+def test_the_published_report_equals_its_committed_json():
+    assert check_report_against_json(PUBLISHED) > 0
+
+
+def test_bootstrap_interval_is_within_the_values_and_collapses_on_one():
+    lo, hi = pareto_report.bootstrap([1.0, 2.0, 4.0])
+    assert 1.0 <= lo < hi <= 4.0
+    assert pareto_report.bootstrap([3.0, 3.0]) == (3.0, 3.0)
+
+
+@pytest.mark.slow
+def test_pareto_quick_subset_end_to_end_resumes_and_its_report_equals_its_json(tmp_path, monkeypatch):
+    """TopK and E-SOSAE v2 at the middle L0 (quick, 40 steps): train, evaluate, report; a
+    second invocation trains nothing; every number of the report is in the per-run JSON."""
+    out = tmp_path / "p"
+    argv = ["--grid", "pareto", "--quick", "--runs", "12,48", "--synthetic-steps", "40", "--jobs", "1",
+            "--out", str(out), "--publish", str(tmp_path / "pub")]
+    assert experiments.main(argv) in (0, 1)
+    calls = []
+    monkeypatch.setattr(experiments, "train_try", lambda v, *a: calls.append(v.run))
+    assert experiments.main(argv) in (0, 1) and calls == []
+    recs = [json.loads(p.read_text()) for p in (out / "runs" / "easy").glob("*.json")]
+    assert sorted(r["run"] for r in recs) == [12, 48] and all(r["status"] == "done" for r in recs)
+    assert all(r["pca_fvu"] is not None and r["atoms"]["best_cos"] for r in recs)
+    assert check_report_against_json(tmp_path / "pub") > 10
+    g = json.loads((out / "grid.json").read_text())
+    assert len(g["invocations"]) == 2 and all(i["wall_s"] is not None for i in g["invocations"])
