@@ -45,7 +45,9 @@ def test_run_configs_of_the_pareto_variants():
     assert (layer1.sae.m1, layer1.sae.m2, layer1.sae.target_l0) == (2 * b.m, 0, b.target_l0)
     v2 = train_config(by["esosae_v2_l0x0.5_s1"], b, 2.0, 0, "x", knob2=3.0)
     assert v2.sae.target_l0 == b.target_l0 / 4 and v2.seed == 1 and v2.dead_window == b.dead_window
-    assert v2.schedule.tau_final_2 / v2.schedule.tau_final == pytest.approx(3.0 / 2.0 * 0.55 / 0.2)
+    assert v2.schedule.tau_final_2 / v2.schedule.tau_final == pytest.approx(3.0 / 2.0)  # v2: one τ_T, two knobs
+    v1 = train_config(by["esosae_v1_l0x1_s0"], b, 2.0, 0, "x", knob2=3.0)
+    assert v1.schedule.tau_final_2 / v1.schedule.tau_final == pytest.approx(3.0 / 2.0 * 0.55 / 0.2)  # v1's split
     v1 = train_config(by["esosae_v1_l0x1_s0"], b, 1.0, 0, "x")
     assert (v1.sae.freq_ema, v1.sae.margin_band) == (0.99, 10.0)
     slow = train_config(by["topk_l0x1_s0_steps2x"], b, 32, 0, "x")
