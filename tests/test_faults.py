@@ -105,15 +105,19 @@ def test_disk_full_is_named_however_it_surfaces(tmp_path, how, monkeypatch):
 
 def test_deferred_sigint_holds_ctrl_c_until_the_block_ends():
     assert threading.current_thread() is threading.main_thread()
-    reached = []
-    with pytest.raises(KeyboardInterrupt):
-        with runio.deferred_sigint():
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever ran before
+    try:
+        reached = []
+        with pytest.raises(KeyboardInterrupt):
+            with runio.deferred_sigint():
+                signal.raise_signal(signal.SIGINT)
+                reached.append(True)  # the Ctrl-C waits for the end of the block
+        assert reached == [True]
+        with runio.deferred_sigint(deliver=False):  # stopping anyway: dropped
             signal.raise_signal(signal.SIGINT)
-            reached.append(True)  # the Ctrl-C waits for the end of the block
-    assert reached == [True]
-    with runio.deferred_sigint(deliver=False):  # stopping anyway: dropped
-        signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_ctrl_c_during_checkpoint_writes_leaves_them_whole_and_no_traceback(tmp_path, capsys, monkeypatch):
