@@ -117,7 +117,7 @@ BAD_JSON = [
     ({"sae": {"m1": 8}}, "target_l0 16 exceeds m1=8"),
     ({"sae": {"arch": "topk", "m1": 64, "k": 65, "target_l0": 8}}, "k=65 exceeds m1=64"),
     ({"sae": {"arch": "relu", "m2": 4}}, "arch=relu is single-layer: set m2=0 (got m2=4)"),
-    ({"schedule": {"tau_0": 1.3}}, "schedule exp needs 0 < tau_0 < tau_final (got tau_0=1.3, tau_final=0.89)"),
+    ({"schedule": {"tau_0": 1.3}}, "schedule exp needs 0 < tau_0 < tau_final (got tau_0=1.3, tau_final=0.5)"),
     ({"schedule": {"schedule": "linear", "tau_final2": 1e-4}}, "schedule linear needs tau_0 <= tau_final2"),
     ({"lr_warmup_fraction": 0.5, "lr_decay_fraction": 0.6}, "lr_warmup_fraction + lr_decay_fraction must be <= 1"),
     # the planted source
