@@ -16,9 +16,10 @@ SAE's L0 per row varies widely (a cap at the worst row wastes, a lower one drops
 feature-sorted COO alone would turn the token-wise gathers into scatters (atomics). Both
 orders come from one ``nonzero`` and one stable sort of nnz int32 keys.
 
-The count of pairs sizes the lists, so building them reads one integer on the host: the
-one host sync of a step that takes the pair path. Above ``PAIRS_MAX_DENSITY`` the dense
-kernels run and nothing is synced beyond that count.
+Choosing the path reads the count of fires on the host, and ``nonzero`` reads the count of
+pairs again to size the lists: two host syncs per layer in a step that takes the pair path
+(the fire count excludes NaN pre-activations, which f keeps, so it cannot size the lists
+itself). Above ``PAIRS_MAX_DENSITY`` the dense kernels run and only the first is paid.
 """
 
 from __future__ import annotations

@@ -211,7 +211,7 @@ class PairEncodeFunction(torch.autograd.Function):
         f, row_l1, fire = encoder.encode_forward(x, W_enc, b_enc, b_dec, theta)
         pairs, limit = None, density_limit(max_density)
         if limit > 0:  # else always dense: no count, no sync
-            nnz = int(fire.sum(dtype=torch.int64))  # host sync: picks the path and sizes the pairs
+            nnz = int(fire.sum(dtype=torch.int64))  # host sync: picks the path
             pairs = Pairs.of(f) if 0 < nnz <= limit * f.numel() else None
         ctx.pairs = box[0] = pairs
         ctx.save_for_backward(x, W_enc, b_dec, f)

@@ -142,8 +142,8 @@ def test_training_step_never_syncs_host_and_device(dtype):
     """The trainer's step on the dense kernels (thresholds, forward, loss, backward, clip,
     Adam, constraints, firing statistics, the sampled orthogonality tiles) issues no
     host-device synchronization: CUDA's sync debug mode turns any into an error. Logging
-    steps sync on purpose and are not run here; so does the pair path (one count per layer to
-    size the pairs), which ``pairs_max_density = 0`` turns off."""
+    steps sync on purpose and are not run here; so does the pair path (the fire count that picks
+    it and nonzero's count that sizes the pairs, per layer), which ``pairs_max_density = 0`` turns off."""
     from esosae.sae.backend import get_backend
     from esosae.config import DataConfig, ScheduleConfig
     from esosae.training.loop import build, make_source, train_step
