@@ -140,6 +140,69 @@ def test_run_ranges_and_the_plan_write_nothing(tmp_path, capsys):
     assert "plan easy: 64 runs" in capsys.readouterr().out  # quick: seeds 0 and 1
 
 
+def _finish(out, v, knob, knob2=None, l0=32.0):
+    d = out / "lm" / v.slug
+    d.mkdir(parents=True)
+    (d / "calibration.json").write_text(json.dumps({"status": "done", "chosen": 0, "attempts": [
+        {"try": "try0", "knob": knob, "knob2": knob2, "l0": l0}]}))
+
+
+def test_other_seeds_start_from_the_finished_seed_and_ablations_from_v2(tmp_path):
+    b, by = pareto_budgets(quick=False)["lm"], {v.name: v for v in PARETO_GRID}
+    start = lambda name: experiments.start_knobs(by[name], b, tmp_path, "lm", PARETO_GRID)  # noqa: E731
+    assert start("esosae_v2_l0x1_s1") is None  # nothing finished: the defaults
+    _finish(tmp_path, by["esosae_v2_l0x1_s0"], 1.3, 0.8)
+    _finish(tmp_path, by["relu_l0x1_s2"], 4.0)
+    _finish(tmp_path, by["topk_l0x1_s0"], 32.0)
+    assert start("esosae_v2_l0x1_s2") == (1.3, 0.8)  # another seed, as it is
+    assert start("esosae_v2_l0x2_s0") == pytest.approx((1.3 * 2 ** (1 / -1.9), 0.8 * 2 ** (1 / -1.9)))
+    assert start("relu_l0x0.5_s1") == pytest.approx((8.0, None))  # λ ∝ 1 / L0 (prior slope −1)
+    assert start("const_l0x1_s1") == (1.3, 0.8) and start("layer1_l0x1_s0") == (1.3, 0.8)  # v2's τ factors
+    assert start("topk_l0x1_s1") == (32.0, None) and start("topk_l0x2_s0") is None  # k: the same target only
+    assert start("esosae_v1_l0x1_s0") is None  # v1 has its own τ_T: never v2's
+    order = experiments.seed_first(PARETO_GRID)
+    assert [v.seed_offset for v in order] == sorted(v.seed_offset for v in PARETO_GRID)
+    assert [v.name for v in order[:6]] == [f"{m}_l0x1_s0" for m in pareto_report.METHODS]
+
+
+def test_calibration_bisects_a_bracket_when_a_collapsed_try_would_set_the_slope():
+    """ReLU on the easy source: λ 7.9 silenced it (L0 0.09). The secant of the two tries nearest
+    the target leads back to λ 7.9, outside the bracket: the next λ is the bracket's geometric
+    middle (the old rule took the slope from the collapsed try and crawled: 3.8, 4.1, 4.3)."""
+    tries = [calibrate.Attempt(1.0, 13.76), calibrate.Attempt(3.44, 6.57), calibrate.Attempt(7.88, 0.095)]
+    assert calibrate.next_knob("l1_coeff", tries, 4.0) == pytest.approx(math.sqrt(3.44 * 7.88))
+    inside = tries + [calibrate.Attempt(5.2, 5.0)]  # now the secant of 5.0 and 6.57 lands inside
+    secant = math.log(5.0 / 6.57) / math.log(5.2 / 3.44)
+    assert calibrate.next_knob("l1_coeff", inside, 4.0) == pytest.approx(5.2 * (4.0 / 5.0) ** (1 / secant))
+
+
+def test_a_fresh_out_adopts_the_published_runs_and_carries_them_into_its_report(tmp_path, capsys):
+    """A new clone continues the committed grid: published finished runs count as done (the
+    plan says so), are copied into --out's runs/ with grid.json's invocations, and never
+    trained again; a published grid with other settings is not mixed in."""
+    pub, out = tmp_path / "pub", tmp_path / "out"
+    s, *_ = experiments.prepare(["--grid", "pareto", "--sources", "easy"])
+    rng = np.random.default_rng(0)
+    for v in PARETO_GRID[:3]:
+        p = pub / "runs" / "easy" / f"{v.slug}.json"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(fake_run("easy", v, rng, 4.0 * v.l0_factor)))
+    g = {**json.loads(json.dumps(s.to_dict())), "invocations": [{"command": "earlier", "started": "x", "wall_s": 5.0}]}
+    (pub / "grid.json").write_text(json.dumps(g))
+    argv = ["--grid", "pareto", "--sources", "easy", "--runs", "0-1", "--out", str(out), "--publish", str(pub)]
+    assert experiments.main(argv + ["--plan"]) == 0
+    assert "plan easy: 2 runs (2 done)" in capsys.readouterr().out and not out.exists()
+    assert experiments.main(argv) == 0  # both adopted: nothing to train
+    assert sorted(p.name for p in (out / "runs" / "easy").glob("*.json")) == sorted(
+        f"{v.slug}.json" for v in PARETO_GRID[:3])
+    calls = json.loads((pub / "grid.json").read_text())["invocations"]
+    assert [c["command"] for c in calls][0] == "earlier" and len(calls) == 2
+    assert check_report_against_json(pub) > 0
+    other = tmp_path / "other"
+    s2, *_ = experiments.prepare(["--grid", "pareto", "--sources", "easy", "--synthetic-steps", "50"])
+    assert experiments.adoptable(pub, other, s2) == {}
+
+
 # -- the report against its JSON -------------------------------------------------------------
 
 

@@ -3,11 +3,15 @@
 L0 responds to the knobs roughly as a power law, so each new try solves
 ``L0 = L0_a · (knob / knob_a)^b`` for the target on a log-log line through a pair of tries:
 
-- the pair is the closest try above the target and the closest below it once the tries
-  bracket the target (the step is then an interpolation), else the last two tries;
+- the pair is the two tries nearest the target (in |log L0 / target|, the later on a tie)
+  at distinct knobs;
 - b is the pair's secant slope ``log(L0_b / L0_a) / log(knob_b / knob_a)`` when it moved L0
   the expected way (b · prior > 0.1), else the prior slope: -1.9 for the τ_T factor (measured on
-  the default run, docs/default_run.md) and -1 for λ, from the last try alone;
+  the default run, docs/default_run.md) and -1 for λ, from the nearest try alone;
+- once tries bracket the target, the new knob must fall inside the bracket (strictly between
+  the knobs of the closest try above and the closest below, a tenth of its log-width in from
+  either end); else it is the bracket's geometric middle. A far try (a collapsed run at L0 ≈ 0)
+  thus never sets the slope, and a bad secant costs one bisection, not a crawl;
 - a step never scales the knob by more than 8× either way.
 
 A try is accepted when |L0 / target − 1| ≤ the band (``BAND`` unless the budget sets
@@ -55,20 +59,26 @@ def in_band(l0: float, target: float, band: float = BAND) -> bool:
 
 def next_knob(knob_name: str, attempts: list[Attempt], target: float) -> float:
     """The knob value for the next try, from the tries so far (at least one)."""
-    last, slope = attempts[-1], PRIOR_SLOPE[knob_name]
-    above = [a for a in attempts if a.l0 > target]
-    below = [a for a in attempts if 0 < a.l0 <= target]
-    if above and below:
-        pair = (min(above, key=lambda a: a.l0), max(below, key=lambda a: a.l0))
-    else:
-        pair = tuple(attempts[-2:])
-    if len(pair) == 2 and pair[0].l0 > 0 and pair[1].l0 > 0 and pair[0].knob != pair[1].knob:
-        secant = math.log(pair[1].l0 / pair[0].l0) / math.log(pair[1].knob / pair[0].knob)
+    slope = PRIOR_SLOPE[knob_name]
+    live = [a for a in attempts if a.l0 > 0]
+    near = sorted(reversed(live), key=lambda a: abs(math.log(a.l0 / target)))  # ties: the later try
+    last = near[0] if near else attempts[-1]
+    other = [a for a in near[1:] if a.knob != last.knob][:1]
+    if other:
+        secant = math.log(other[0].l0 / last.l0) / math.log(other[0].knob / last.knob)
         if secant * slope > 0.1:  # moved L0 the expected way
-            last, slope = pair[1], secant
+            slope = secant
     l0 = max(last.l0, 1e-3)  # a run that went silent still needs a finite step
     factor = (target / l0) ** (1.0 / slope)
-    return last.knob * min(max(factor, 1.0 / MAX_STEP), MAX_STEP)
+    knob = last.knob * min(max(factor, 1.0 / MAX_STEP), MAX_STEP)
+    above = [a for a in live if a.l0 > target]
+    below = [a for a in attempts if a.l0 <= target]
+    if above and below:
+        lo, hi = sorted((min(above, key=lambda a: a.l0).knob, max(below, key=lambda a: a.l0).knob))
+        margin = 0.1 * math.log(hi / lo)
+        if not math.log(lo) + margin < math.log(knob) < math.log(hi) - margin:
+            knob = math.sqrt(lo * hi)
+    return knob
 
 
 def best(attempts: list[Attempt], target: float) -> int:

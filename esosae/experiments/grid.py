@@ -136,6 +136,18 @@ def pareto_grid() -> tuple[Variant, ...]:
 
 
 PARETO_GRID = pareto_grid()
+
+
+def method_of(v: Variant) -> str:
+    """The method (or ablation) a Pareto run belongs to: its name before the L0 factor."""
+    return v.name.split("_l0x")[0]
+
+
+def seed_first(variants: tuple[Variant, ...]) -> tuple[Variant, ...]:
+    """The Pareto grid's running order: seed 0 before seeds 1 and 2, and within a seed the
+    middle L0 before ½× and 2× and the convergence runs, so that most runs can start from a
+    finished relative's calibrated knobs (runner.start_knobs)."""
+    return tuple(sorted(variants, key=lambda v: (v.seed_offset, v.l0_factor != 1.0, v.steps_factor != 1.0, v.run)))
 QUICK_SEEDS = 2
 GRIDS = {"method": METHOD_GRID, "v2": V2_GRID, "pareto": PARETO_GRID}
 

@@ -104,7 +104,8 @@ def run_record(cal: dict[str, Any], source: str, slug: str, try_dir: Path | None
 
 def collect(out: Path) -> list[Path]:
     """Write ``runs/<source>/<slug>.json`` for every run folder with a calibration.json; each
-    also gets ``align_r_control`` (``control_r``), which needs the other runs of its source."""
+    also gets ``align_r_control`` (``control_r``), which needs the other runs of its source,
+    those adopted from a published grid (a JSON in ``runs/`` with no run folder) included."""
     recs: list[dict[str, Any]] = []
     for cal_path in sorted(out.glob(f"*/run*/{CALIBRATION_FILE}")):
         cal = _read(cal_path)
@@ -112,6 +113,9 @@ def collect(out: Path) -> list[Path]:
         done = cal.get("status") == "done" and cal.get("chosen") is not None
         try_dir = cal_path.parent / cal["attempts"][cal["chosen"]]["try"] if done else None
         recs.append(run_record(cal, source, slug, try_dir))
+    ours = {(r["source"], r["slug"]) for r in recs}
+    recs += [rec for p in sorted((out / RUNS_DIR).glob("*/*.json"))
+             if (p.parent.name, p.stem) not in ours for rec in [_read(p)] if rec]
     written = []
     for rec in recs:
         if rec["status"] == "done":

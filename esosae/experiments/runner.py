@@ -19,6 +19,12 @@ Resumable at any point: finished runs are skipped (a rerun of a finished grid tr
 nothing and rewrites the report), an interrupted try resumes from its last checkpoint, and
 a run that failed is reported and skipped until ``--retry-failed``. Runs go one after
 another, or side by side in ``--jobs`` processes that split the CPU threads between them.
+
+Across machines and fresh clones: with ``--publish DEST``, the finished runs already
+published in DEST (its ``runs/`` JSON, same settings) count as done in ``--out`` and are
+carried into its report (``adoptable``), so each invocation adds to the committed grid.
+In the Pareto grid, seed 0 of every method and L0 goes first and the other seeds start
+from its calibrated knobs (``start_knobs``).
 """
 
 from __future__ import annotations
@@ -53,10 +59,13 @@ from esosae.experiments.grid import (
     Variant,
     budgets,
     default_knob,
+    method_of,
     pareto_budgets,
+    seed_first,
     select,
     train_config,
 )
+from esosae.experiments.pareto_report import RUNS_DIR
 from esosae.run.atomic import atomic_write_text
 from esosae.run.layout import EVAL_DIR
 
@@ -64,6 +73,8 @@ PROG = "python -m esosae.experiments"
 EVAL_FILES = ("core", "sparse_probing", "curriculum")
 SOURCES = ("lm", "easy", "hard")
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+REPUBLISH_S = 60.0
+"""With --publish, the report is rewritten and published after a finished run at most this often."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +139,7 @@ def _knobs(v: Variant, b: Budget, state: dict[str, Any]) -> tuple[float, float |
     """The next try's knob (and τ₂ factor under a per-layer calibration)."""
     target, tries = b.target(v), state["attempts"]
     if not tries:
-        return state["start"], (state["start"] if per_layer(v, b) else None)
+        return state["start"], (state.get("start2") or state["start"] if per_layer(v, b) else None)
     if not per_layer(v, b):
         knob = calibrate.next_knob(v.knob, [calibrate.Attempt(a["knob"], a["l0"]) for a in tries], target)
         return (float(max(1, round(knob))) if v.knob == "k" else knob), None
@@ -158,7 +169,53 @@ def _try_core(try_dir: Path) -> dict[str, Any]:
     return m.get("eval_result_metrics", {}).get("model_performance_preservation", {})
 
 
-def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: float | None, say: Any) -> dict[str, Any]:
+def finished(out: Path, source: str, slug: str) -> dict[str, Any] | None:
+    """A finished run's calibration ({'attempts', 'chosen', ...}): its own calibration.json, or
+    the per-run JSON adopted from a published grid when ``out`` has no folder for it."""
+    cal = report.read_json(out / source / slug / CALIBRATION_FILE)
+    if cal is not None:
+        return cal if cal.get("status") == "done" else None
+    rec = report.read_json(out / RUNS_DIR / source / f"{slug}.json")
+    if rec and rec.get("status") == "done" and rec.get("chosen") is not None:
+        return {"attempts": rec["tries"], "chosen": rec["chosen"]}
+    return None
+
+
+def start_knobs(v: Variant, b: Budget, out: Path, source: str,
+                variants: tuple[Variant, ...]) -> tuple[float, float | None] | None:
+    """The Pareto grid's first try from the chosen try of the nearest finished relative:
+
+    1. the same method at the same L0 and steps, another seed: its knobs as they are;
+    2. (λ, τ factors) the same method at the middle L0 and steps: moved to this target along
+       the prior slope, knob · l0_factor^(1 / prior);
+    3. (an ablation of v2) v2 at the same L0: its τ factors as they are.
+
+    None (the source's defaults) when no relative has finished."""
+    def knobs_of(u: Variant, move: float = 1.0) -> tuple[float, float | None] | None:
+        cal = finished(out, source, u.slug)
+        if cal is None:
+            return None
+        t = cal["attempts"][cal["chosen"]]
+        return t["knob"] * move, (t["knob2"] * move if t.get("knob2") else None)
+
+    name = method_of(v)
+    same = [u for u in variants if method_of(u) == name and u.seed_offset != v.seed_offset
+            and (u.l0_factor, u.steps_factor) == (v.l0_factor, v.steps_factor)]
+    middle = [u for u in variants if method_of(u) == name and (u.l0_factor, u.steps_factor) == (1.0, 1.0)
+              and u.run != v.run and v.knob != "k"]
+    move = v.l0_factor ** (1 / calibrate.PRIOR_SLOPE[v.knob])
+    parent = [u for u in variants if method_of(u) == "esosae_v2" and u.l0_factor == v.l0_factor
+              and u.steps_factor == 1.0 and v.arch == "esosae" and name not in ("esosae_v1", "esosae_v2")]
+    key = lambda u: (u.seed_offset != v.seed_offset, u.seed_offset)  # noqa: E731 (same seed first)
+    for found in ([knobs_of(u) for u in sorted(same, key=key)] + [knobs_of(u, move) for u in sorted(middle, key=key)]
+                  + [knobs_of(u) for u in sorted(parent, key=key)]):
+        if found is not None:
+            return found
+    return None
+
+
+def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: tuple[float, float | None] | None,
+                say: Any) -> dict[str, Any]:
     """Calibrate ``v`` on ``b`` (or pick up where an earlier invocation stopped), evaluate the
     chosen try (on the language model also the CE figures of the try that the reading at the
     exact target pairs it with); returns calibration.json's contents."""
@@ -168,10 +225,12 @@ def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: floa
     state = report.read_json(path) or {}
     target, steps = b.target(v), b.steps_of(v)
     if state.get("status") != "done":
-        start = start_knob if start_knob is not None and v.knob == "tau_scale" else default_knob(v, b)
+        start, start2 = start_knob if start_knob is not None else (default_knob(v, b), None)
+        if v.knob == "k":
+            start = float(max(1, round(start)))
         state = {"run": v.run, "name": v.name, "note": v.note, "variant": asdict(v), "source": b.source,
                  "knob": v.knob, "target_l0": target, "band": b.band, "steps": steps, "start": start,
-                 "attempts": state.get("attempts", []), "chosen": None, "status": "training"}
+                 "start2": start2, "attempts": state.get("attempts", []), "chosen": None, "status": "training"}
     while state["status"] == "training":
         attempts = [calibrate.Attempt(a["knob"], a["l0"]) for a in state["attempts"]]
         if attempts and (_matched(v, b, attempts, target) or len(attempts) >= s.max_tries):
@@ -221,7 +280,10 @@ def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: floa
 
 def run_source(source: str, variants: tuple[Variant, ...], s: Settings, out: Path, retry_failed: bool,
                threads: int | None) -> dict[str, str]:
-    """Every variant of one source, in order; {slug: 'done' | 'failed' | 'interrupted'}."""
+    """Every variant of one source, in order; {slug: 'done' | 'failed' | 'interrupted'}. In the
+    Pareto grid each run's first try comes from ``start_knobs`` over the whole grid."""
+    from esosae.experiments.grid import GRIDS
+
     from esosae.training.loop import Interrupted
 
     if threads is not None:
@@ -234,15 +296,21 @@ def run_source(source: str, variants: tuple[Variant, ...], s: Settings, out: Pat
 
     for i, v in enumerate(variants, 1):
         vdir = out / source / v.slug
-        vdir.mkdir(parents=True, exist_ok=True)
         state = report.read_json(vdir / CALIBRATION_FILE) or {}
+        if not state and finished(out, source, v.slug):
+            result[v.slug] = "done"  # adopted from the published grid
+            continue
+        vdir.mkdir(parents=True, exist_ok=True)
         if state.get("status") == "failed" and not retry_failed:
             say(f"{v.slug} ({i}/{len(variants)}): failed earlier, skipped (--retry-failed to rerun): {state['error']}")
             result[v.slug] = "failed"
             continue
-        ref = (report.read_json(out / source / "run02_esosae" / CALIBRATION_FILE)
-               if s.grid == "method" and v.run > 2 else None)
-        start = (ref["attempts"][ref["chosen"]]["knob"] if ref and ref.get("status") == "done" else None)
+        if s.grid == "pareto":
+            start = start_knobs(v, b, out, source, GRIDS["pareto"])
+        else:  # the method grid: runs after 2 start from run 2's τ factor
+            ref = report.read_json(out / source / "run02_esosae" / CALIBRATION_FILE) if v.run > 2 else None
+            start = ((ref["attempts"][ref["chosen"]]["knob"], None)
+                     if ref and ref.get("status") == "done" and v.knob == "tau_scale" else None)
         if state.get("status") != "done":
             say(f"{v.slug}{f' ({i}/{len(variants)})' if len(variants) > 1 else ''}: {v.note}")
         try:
@@ -286,17 +354,22 @@ def seconds_per_step(source: str, b: Budget, out: Path) -> tuple[float, str]:
     return SECONDS_PER_STEP[source] * scale, "the first grid's rate"
 
 
-def plan(sources: list[str], variants: tuple[Variant, ...], s: Settings, out: Path, jobs: int) -> list[str]:
-    """One line per source: runs, the ones still to train, and the estimated wall time: three
-    tries per calibrated run (1.5 for TopK) at the rate of ``seconds_per_step``, plus
-    ``EVAL_SECONDS`` per run, halved for two runs side by side (the rate was measured so)."""
+def plan(sources: list[str], variants: tuple[Variant, ...], s: Settings, out: Path, jobs: int,
+         adopted: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+    """One line per source: runs, the ones still to train (``adopted`` slugs count as done),
+    and the estimated wall time: three tries per calibrated run, 1.5 for TopK and for a Pareto
+    run that starts from a relative's knobs (another seed of its method and L0 runs first), at
+    the rate of ``seconds_per_step``, plus ``EVAL_SECONDS`` per run, halved for two runs side
+    by side (the rate was measured so)."""
     lines, total = [], 0.0
     for src in sources:
         b, vs = s.budgets[src], variants
-        todo = [v for v in vs if (report.read_json(out / src / v.slug / CALIBRATION_FILE) or {}).get("status") != "done"]
+        todo = [v for v in vs if finished(out, src, v.slug) is None and f"{src}/{v.slug}" not in adopted]
         rate, how = seconds_per_step(src, b, out)
-        secs = sum((1.5 if v.arch == "topk" else min(3, s.max_tries)) * b.steps_of(v) * rate + EVAL_SECONDS[src]
-                   for v in todo) / 2  # two side by side, at the rate measured that way
+        firsts = {(method_of(v), v.l0_factor, v.steps_factor) for v in vs if s.grid != "pareto" or v.seed_offset == 0}
+        tries = [1.5 if v.arch == "topk" or (s.grid == "pareto" and (method_of(v), v.l0_factor, v.steps_factor)
+                                             not in firsts) else min(3, s.max_tries) for v in todo]
+        secs = sum(n * b.steps_of(v) * rate + EVAL_SECONDS[src] for n, v in zip(tries, todo)) / 2  # side by side
         total += secs
         lines.append(f"plan {src}: {len(vs)} runs ({len(vs) - len(todo)} done), {b.steps} steps × {b.batch_size}, "
                      f"target L0 {b.target_l0:g} ± {b.band:.0%}; ~{secs / 3600:.1f} h left ({how})")
@@ -305,9 +378,10 @@ def plan(sources: list[str], variants: tuple[Variant, ...], s: Settings, out: Pa
 
 
 def run_parallel(sources: list[str], variants: tuple[Variant, ...], s: Settings, out: Path, retry_failed: bool,
-                 jobs: int, results: dict[str, dict[str, str]]) -> None:
-    """Runs side by side in ``jobs`` processes of cores/jobs threads each, in grid order; a
-    source's runs after run 2 wait for it (they start from its calibrated knob)."""
+                 jobs: int, results: dict[str, dict[str, str]], finished_one: Any = None) -> None:
+    """Runs side by side in ``jobs`` processes of cores/jobs threads each, in the order given;
+    in the method grid a source's runs after run 2 wait for it (they start from its calibrated
+    knob). ``finished_one()`` is called after every run that ends."""
     threads = max(1, (os.cpu_count() or 1) // jobs)
     chained = s.grid == "method"  # its runs after run 2 start from run 2's knob
     first = [(src, v) for src in sources for v in variants if v.run <= 2 or not chained]
@@ -329,6 +403,8 @@ def run_parallel(sources: list[str], variants: tuple[Variant, ...], s: Settings,
                     raise KeyboardInterrupt
                 if chained and v.run == 2:
                     queue += [(src, w) for w in later.pop(src, [])]
+                if finished_one is not None:
+                    finished_one()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -414,15 +490,52 @@ def prepare(argv: list[str]) -> tuple[Settings, Path, list[str], tuple[Variant, 
     old = report.read_json(out / GRID_FILE)
     if old is None and (out / GRID_FILE).exists():
         raise ConfigError(f"{out / GRID_FILE} is not valid JSON; delete it (or the folder) to start over")
-    if old is not None:
-        new = json.loads(json.dumps(s.to_dict()))
-        diff = [k for k in ("grid", "quick", "seed", "max_tries", "evals") if old.get(k) != new[k]]
-        diff += [f"budgets.{src}" for src in sources if src in old.get("budgets", {})
-                 and old["budgets"][src] != new["budgets"][src]]
-        if diff:
-            raise ConfigError(f"{out} holds a grid run with other settings ({', '.join(diff)}); "
-                              "use another --out or the same flags as before")
+    diff = settings_diff(old, s, sources) if old is not None else []
+    if diff:
+        raise ConfigError(f"{out} holds a grid run with other settings ({', '.join(diff)}); "
+                          "use another --out or the same flags as before")
+    if ns.grid == "pareto":
+        variants = seed_first(variants)
     return s, out, sources, variants, ns
+
+
+def settings_diff(old: dict[str, Any], s: Settings, sources: list[str]) -> list[str]:
+    """The settings in which a grid.json differs from ``s`` (budgets: of ``sources`` only)."""
+    new = json.loads(json.dumps(s.to_dict()))
+    diff = [k for k in ("grid", "quick", "seed", "max_tries", "evals") if old.get(k) != new[k]]
+    return diff + [f"budgets.{src}" for src in sources if src in old.get("budgets", {})
+                   and old["budgets"][src] != new["budgets"][src]]
+
+
+def adoptable(dest: Path, out: Path, s: Settings) -> dict[str, Path]:
+    """{'source/slug': path} of the finished runs published in ``dest`` (a --publish folder) that
+    ``out`` has neither trained nor adopted, when dest's grid.json has the settings of ``s``
+    for their sources; else {} (a grid with other settings is never mixed in)."""
+    g = report.read_json(dest / GRID_FILE)
+    if g is None:
+        return {}
+    found = {}
+    for path in sorted((dest / RUNS_DIR).glob("*/*.json")):
+        src, slug = path.parent.name, path.stem
+        rec = report.read_json(path) or {}
+        if (rec.get("status") == "done" and src in s.budgets and not (out / src / slug / CALIBRATION_FILE).exists()
+                and not (out / RUNS_DIR / src / path.name).exists()):
+            found[f"{src}/{slug}"] = path
+    if settings_diff(g, s, sorted({k.split("/")[0] for k in found})):
+        return {}
+    return found
+
+
+def adopt(dest: Path, out: Path, s: Settings, found: dict[str, Path]) -> None:
+    """Copy the ``adoptable`` runs into ``out/runs/`` (and, into a new ``out``, dest's grid.json
+    with its invocations and its reading.md), so that ``out``'s report carries them."""
+    for key, path in found.items():
+        to = out / RUNS_DIR / key.split("/")[0] / path.name
+        to.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, to)
+    for name in (GRID_FILE, "reading.md"):
+        if found and (dest / name).is_file() and not (out / name).exists():
+            shutil.copy2(dest / name, out / name)
 
 
 def machine() -> dict[str, Any]:
@@ -463,22 +576,36 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    for line in plan(sources, variants, s, out, ns.jobs):
+    found = adoptable(Path(ns.publish), out, s) if ns.publish else {}
+    for line in plan(sources, variants, s, out, ns.jobs, set(found)):
         print(line, flush=True)
     if ns.plan:
         return 0
+    if found:
+        adopt(Path(ns.publish), out, s, found)
+        print(f"adopted {len(found)} finished runs published in {ns.publish}", flush=True)
     me = record_invocation(out, s, argv)
     t0 = time.perf_counter()
     results: dict[str, dict[str, str]] = {src: {} for src in sources}
     interrupted = False
+
+    published = [time.perf_counter()]
+
+    def finished_one() -> None:  # the published report follows the finished runs, at most once a minute
+        if ns.publish and time.perf_counter() - published[0] > REPUBLISH_S:
+            report.write_report(out)
+            report.publish(out, Path(ns.publish))
+            published[0] = time.perf_counter()
+
     try:
         if ns.jobs == 1:
-            for src in sources:
-                results[src] = run_source(src, variants, s, out, ns.retry_failed, None)
+            for src, v in ((src, v) for src in sources for v in variants):
+                results[src].update(run_source(src, (v,), s, out, ns.retry_failed, None))
                 if "interrupted" in results[src].values():
                     break
+                finished_one()
         else:
-            run_parallel(sources, variants, s, out, ns.retry_failed, ns.jobs, results)
+            run_parallel(sources, variants, s, out, ns.retry_failed, ns.jobs, results, finished_one)
     except KeyboardInterrupt:
         interrupted = True
     except UserError as e:  # e.g. the language model or dataset cannot be found: same for every run
