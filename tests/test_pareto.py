@@ -165,6 +165,14 @@ def test_other_seeds_start_from_the_finished_seed_and_ablations_from_v2(tmp_path
     assert [v.name for v in order[:6]] == [f"{m}_l0x1_s0" for m in pareto_report.METHODS]
 
 
+def test_only_the_six_methods_at_their_own_steps_are_probed():
+    s, *_ = experiments.prepare(["--grid", "pareto"])
+    by = {v.name: v for v in PARETO_GRID}
+    assert experiments.evals_of(by["jumprelu_l0x2_s1"], s) == ("core", "probing", "curriculum")
+    assert experiments.evals_of(by["const_l0x1_s0"], s) == ("core", "curriculum")
+    assert experiments.evals_of(by["topk_l0x1_s0_steps2x"], s) == ("core", "curriculum")
+
+
 def test_calibration_bisects_a_bracket_when_a_collapsed_try_would_set_the_slope():
     """ReLU on the easy source: λ 7.9 silenced it (L0 0.09). The secant of the two tries nearest
     the target leads back to λ 7.9, outside the bracket: the next λ is the bracket's geometric

@@ -65,12 +65,13 @@ from esosae.experiments.grid import (
     select,
     train_config,
 )
-from esosae.experiments.pareto_report import RUNS_DIR
+from esosae.experiments.pareto_report import METHODS, RUNS_DIR
 from esosae.run.atomic import atomic_write_text
 from esosae.run.layout import EVAL_DIR
 
 PROG = "python -m esosae.experiments"
-EVAL_FILES = ("core", "sparse_probing", "curriculum")
+EVAL_FILES = {"core": "core", "probing": "sparse_probing", "curriculum": "curriculum"}
+"""Each evaluation (esosae.evals.run_all's names) and the eval/ file it writes."""
 SOURCES = ("lm", "easy", "hard")
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 REPUBLISH_S = 60.0
@@ -157,6 +158,16 @@ def _matched(v: Variant, b: Budget, attempts: list[calibrate.Attempt], target: f
         return True
     l0s = [a.l0 for a in attempts]
     return abs(l0s[-1] / target - 1) <= calibrate.EXACT or (min(l0s) < target < max(l0s))
+
+
+def evals_of(v: Variant, s: Settings) -> tuple[str, ...]:
+    """A run's evaluations: those of ``s.evals``; in the Pareto grid the ablations and the
+    convergence runs skip sparse probing (the report's probing figures are the six methods'
+    curves over L0), which on the language model is most of a run's evaluation time."""
+    only = tuple(e for e in EVAL_FILES if e in s.evals.only)
+    if s.grid == "pareto" and (method_of(v) not in METHODS or v.steps_factor != 1.0):
+        return tuple(e for e in only if e != "probing")
+    return only
 
 
 def per_layer(v: Variant, b: Budget) -> bool:
@@ -258,10 +269,11 @@ def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: tupl
         say(f"{v.slug}: {name} → L0 {h['l0']:.1f} (target {target:g} ± {b.band:.0%}), "
             f"FVU {h['fvu']:.3f}, {time.perf_counter() - t0:.0f} s")
     chosen = vdir / state["attempts"][state["chosen"]]["try"]
-    missing = [e for e in EVAL_FILES if not (chosen / EVAL_DIR / f"{e}.json").is_file()]
+    only = evals_of(v, s)
+    missing = [e for e in only if not (chosen / EVAL_DIR / f"{EVAL_FILES[e]}.json").is_file()]
     if missing:
         t0 = time.perf_counter()
-        run_all(chosen, progress=False, config=s.evals)
+        run_all(chosen, only=only, progress=False, config=s.evals)
         say(f"{v.slug}: evaluated {chosen.name} ({time.perf_counter() - t0:.0f} s)")
     if b.source == "lm":  # the CE figures of the interpolation's other try (one forward pass each)
         pair = calibrate.interpolate(state["attempts"], target, "fvu")
