@@ -28,6 +28,7 @@ import numpy as np
 from esosae.evals import plots
 from esosae.experiments import calibrate
 from esosae.experiments.grid import ATOMS_FILE, CALIBRATION_FILE, GRID_FILE
+from esosae.experiments.report import fmt, table
 from esosae.run.atomic import atomic_write_text
 from esosae.run.layout import EVAL_DIR
 
@@ -147,16 +148,6 @@ def stats(values: list[Any]) -> dict[str, Any] | None:
             "lo": lo, "hi": hi}
 
 
-def fmt(x: Any, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "—"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, int):
-        return str(x)
-    return f"{x:.{digits}g}"
-
-
 def cell(s: dict[str, Any] | None) -> str:
     """'mean ± std [lo, hi]' (n = 1: the value alone)."""
     if s is None:
@@ -189,12 +180,6 @@ def metric(rs: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
 
 
 # -- 3. the report -------------------------------------------------------------------------
-
-
-def table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(c if isinstance(c, str) else fmt(c) for c in row) + " |" for row in rows]
-    return lines + [""]
 
 
 def columns(lm: bool, planted: bool) -> list[tuple[str, str]]:
