@@ -182,6 +182,10 @@ def test_calibration_bisects_a_bracket_when_a_collapsed_try_would_set_the_slope(
     inside = tries + [calibrate.Attempt(5.2, 5.0)]  # now the secant of 5.0 and 6.57 lands inside
     secant = math.log(5.0 / 6.57) / math.log(5.2 / 3.44)
     assert calibrate.next_knob("l1_coeff", inside, 4.0) == pytest.approx(5.2 * (4.0 / 5.0) ** (1 / secant))
+    # JumpReLU at half the steps: λ barely moves L0 (its θ is rate-limited); the next λ steps on
+    # from the last try along the prior, not back to a knob already tried
+    flat = [calibrate.Attempt(3.3218, 4.6139), calibrate.Attempt(3.8316, 4.6149)]
+    assert calibrate.next_knob("l1_coeff", flat, 4.0) == pytest.approx(3.8316 * 4.6149 / 4.0)
 
 
 def test_a_fresh_out_adopts_the_published_runs_and_carries_them_into_its_report(tmp_path, capsys):

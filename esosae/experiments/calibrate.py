@@ -7,7 +7,8 @@ L0 responds to the knobs roughly as a power law, so each new try solves
   at distinct knobs;
 - b is the pair's secant slope ``log(L0_b / L0_a) / log(knob_b / knob_a)`` when it moved L0
   the expected way (b · prior > 0.1), else the prior slope: -1.9 for the τ_T factor (measured on
-  the default run, docs/default_run.md) and -1 for λ, from the nearest try alone;
+  the default run, docs/default_run.md) and -1 for λ, from the last try alone (a knob that
+  did not move L0 is thus pushed further, never tried again);
 - once tries bracket the target, the new knob must fall inside the bracket (strictly between
   the knobs of the closest try above and the closest below, a tenth of its log-width in from
   either end); else it is the bracket's geometric middle. A far try (a collapsed run at L0 ≈ 0)
@@ -59,15 +60,14 @@ def in_band(l0: float, target: float, band: float = BAND) -> bool:
 
 def next_knob(knob_name: str, attempts: list[Attempt], target: float) -> float:
     """The knob value for the next try, from the tries so far (at least one)."""
-    slope = PRIOR_SLOPE[knob_name]
+    last, slope = attempts[-1], PRIOR_SLOPE[knob_name]
     live = [a for a in attempts if a.l0 > 0]
     near = sorted(reversed(live), key=lambda a: abs(math.log(a.l0 / target)))  # ties: the later try
-    last = near[0] if near else attempts[-1]
-    other = [a for a in near[1:] if a.knob != last.knob][:1]
+    other = [a for a in near[1:] if a.knob != near[0].knob][:1]
     if other:
-        secant = math.log(other[0].l0 / last.l0) / math.log(other[0].knob / last.knob)
+        secant = math.log(other[0].l0 / near[0].l0) / math.log(other[0].knob / near[0].knob)
         if secant * slope > 0.1:  # moved L0 the expected way
-            slope = secant
+            last, slope = near[0], secant
     l0 = max(last.l0, 1e-3)  # a run that went silent still needs a finite step
     factor = (target / l0) ** (1.0 / slope)
     knob = last.knob * min(max(factor, 1.0 / MAX_STEP), MAX_STEP)
