@@ -134,7 +134,8 @@ def test_grid_resumes_reports_failures_and_its_report_matches_the_json(tmp_path,
     assert experiments.main(argv) == 130  # run 1 fails, run 2 trains, run 5 is interrupted
     assert calls[0] == 1 and set(calls) == {1, 2, 5} and calls.count(5) == 1
     assert json.loads((out / "easy/run02_esosae/calibration.json").read_text())["status"] == "done"
-    assert not (out / "easy/run05_unclamped/calibration.json").exists()
+    cal5 = json.loads((out / "easy/run05_unclamped/calibration.json").read_text())
+    assert cal5["status"] == "training" and cal5["attempts"] == [] and cal5["pending"]["try"] == "try0"
 
     calls = count_training(monkeypatch)
     assert experiments.main(argv) == 1  # a failed run makes the exit status 1

@@ -165,6 +165,51 @@ def test_other_seeds_start_from_the_finished_seed_and_ablations_from_v2(tmp_path
     assert [v.name for v in order[:6]] == [f"{m}_l0x1_s0" for m in pareto_report.METHODS]
 
 
+def test_an_interrupted_try_resumes_with_the_knobs_it_started_with(tmp_path, monkeypatch):
+    """The knobs of a try are saved before it trains; a rerun (even with a changed rule, or
+    other tries' figures) must not resume its checkpoint under other knobs."""
+    s, *_ = experiments.prepare(["--grid", "pareto", "--sources", "easy"])
+    v, b = next(v for v in PARETO_GRID if v.name == "relu_l0x1_s0"), s.budgets["easy"]
+    seen = []
+
+    def interrupted(v, b, knob, seed, try_dir, knob2=None):
+        seen.append(knob)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiments, "train_try", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        experiments.run_variant(v, b, s, tmp_path, (3.0, None), print)
+    cal = json.loads((tmp_path / "calibration.json").read_text())
+    assert cal["pending"] == {"try": "try0", "knob": 3.0, "knob2": None}
+    monkeypatch.setattr(experiments, "train_try", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        experiments.run_variant(v, b, s, tmp_path, (5.0, None), print)  # another start: ignored
+    assert seen == [3.0, 3.0]
+
+
+def test_a_try_folder_under_other_settings_starts_over(tmp_path, monkeypatch):
+    from esosae.run import checkpoint
+    from esosae.training import loop
+
+    s, *_ = experiments.prepare(["--grid", "pareto", "--sources", "easy"])
+    v, b = next(v for v in PARETO_GRID if v.name == "relu_l0x1_s0"), s.budgets["easy"]
+    try_dir = tmp_path / "try0"
+    try_dir.mkdir()
+    (try_dir / "config.json").write_text(json.dumps(train_config(v, b, 3.0, 0, str(try_dir)).to_dict()))
+    monkeypatch.setattr(checkpoint, "latest_checkpoint", lambda d: d / "step1.pt" if d.exists() else None)
+    resumed = []
+
+    def run(cfg, run_dir, resume=False, progress=True):
+        resumed.append(resume)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "run", run)
+    for knob in (3.0, 4.0):
+        with pytest.raises(KeyboardInterrupt):
+            experiments.train_try(v, b, knob, 0, try_dir)
+    assert resumed == [True, False] and not try_dir.exists()
+
+
 def test_only_the_six_methods_at_their_own_steps_are_probed():
     s, *_ = experiments.prepare(["--grid", "pareto"])
     by = {v.name: v for v in PARETO_GRID}
@@ -182,6 +227,11 @@ def test_calibration_bisects_a_bracket_when_a_collapsed_try_would_set_the_slope(
     inside = tries + [calibrate.Attempt(5.2, 5.0)]  # now the secant of 5.0 and 6.57 lands inside
     secant = math.log(5.0 / 6.57) / math.log(5.2 / 3.44)
     assert calibrate.next_knob("l1_coeff", inside, 4.0) == pytest.approx(5.2 * (4.0 / 5.0) ** (1 / secant))
+    # E-SOSAE v2's layer 1 on easy: L0 not monotone in τ₁'s factor past the bracket (6.4 → 0.86,
+    # 18 → 0.90); the bracket is the adjacent pair 2.26 / 6.4, not 2.26 / 18 (whose middle is 6.4 again)
+    v2 = [calibrate.Attempt(k, l0) for k, l0 in ((1.0, 2.61), (1.151, 2.49), (2.258, 2.39), (18.065, 0.90),
+                                                 (6.387, 0.86))]
+    assert calibrate.next_knob("tau_scale", v2, 2.0) == pytest.approx(math.sqrt(2.258 * 6.387))
     # JumpReLU at half the steps: λ barely moves L0 (its θ is rate-limited); the next λ steps on
     # from the last try along the prior, not back to a knob already tried
     flat = [calibrate.Attempt(3.3218, 4.6139), calibrate.Attempt(3.8316, 4.6149)]

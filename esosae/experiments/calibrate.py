@@ -9,10 +9,11 @@ L0 responds to the knobs roughly as a power law, so each new try solves
   the expected way (b · prior > 0.1), else the prior slope: -1.9 for the τ_T factor (measured on
   the default run, docs/default_run.md) and -1 for λ, from the last try alone (a knob that
   did not move L0 is thus pushed further, never tried again);
-- once tries bracket the target, the new knob must fall inside the bracket (strictly between
-  the knobs of the closest try above and the closest below, a tenth of its log-width in from
-  either end); else it is the bracket's geometric middle. A far try (a collapsed run at L0 ≈ 0)
-  thus never sets the slope, and a bad secant costs one bisection, not a crawl;
+- once tries bracket the target, the new knob must fall inside the bracket (the narrowest
+  pair of tries adjacent in knob order with L0 on either side of the target, a tenth of its
+  log-width in from either end); else it is the bracket's geometric middle. A far try (a
+  collapsed run at L0 ≈ 0) thus never sets the slope, a bad secant costs one bisection, not a
+  crawl, and where L0 is not monotone in the knob (noise) no knob is tried twice;
 - a step never scales the knob by more than 8× either way.
 
 A try is accepted when |L0 / target − 1| ≤ the band (``BAND`` unless the budget sets
@@ -71,10 +72,11 @@ def next_knob(knob_name: str, attempts: list[Attempt], target: float) -> float:
     l0 = max(last.l0, 1e-3)  # a run that went silent still needs a finite step
     factor = (target / l0) ** (1.0 / slope)
     knob = last.knob * min(max(factor, 1.0 / MAX_STEP), MAX_STEP)
-    above = [a for a in live if a.l0 > target]
-    below = [a for a in attempts if a.l0 <= target]
-    if above and below:
-        lo, hi = sorted((min(above, key=lambda a: a.l0).knob, max(below, key=lambda a: a.l0).knob))
+    by_knob = sorted(attempts, key=lambda a: a.knob)
+    brackets = [(a.knob, b.knob) for a, b in zip(by_knob, by_knob[1:])
+                if a.knob > 0 and a.knob != b.knob and (a.l0 > target) != (b.l0 > target)]
+    if brackets:
+        lo, hi = min(brackets, key=lambda p: p[1] / p[0])
         margin = 0.1 * math.log(hi / lo)
         if not math.log(lo) + margin < math.log(knob) < math.log(hi) - margin:
             knob = math.sqrt(lo * hi)

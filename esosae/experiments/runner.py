@@ -124,9 +124,10 @@ def train_try(v: Variant, b: Budget, knob: float, seed: int, try_dir: Path,
     from esosae.training.loop import run
 
     cfg = train_config(v, b, knob, seed, str(try_dir), knob2)
-    resume = (try_dir / "config.json").is_file() and latest_checkpoint(try_dir) is not None
+    resume = (latest_checkpoint(try_dir) is not None
+              and report.read_json(try_dir / "config.json") == json.loads(json.dumps(cfg.to_dict())))
     if not resume and try_dir.exists():
-        shutil.rmtree(try_dir)  # started, but nothing to resume from
+        shutil.rmtree(try_dir)  # started, but nothing to resume from (or under other settings)
     trained = run(cfg, try_dir, resume=resume, progress=False)
     h = headline(trained)
     h["pca_fvu"] = pca_fvu(trained.source.heldout(), round(b.target(v)))
@@ -241,7 +242,8 @@ def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: tupl
             start = float(max(1, round(start)))
         state = {"run": v.run, "name": v.name, "note": v.note, "variant": asdict(v), "source": b.source,
                  "knob": v.knob, "target_l0": target, "band": b.band, "steps": steps, "start": start,
-                 "start2": start2, "attempts": state.get("attempts", []), "chosen": None, "status": "training"}
+                 "start2": start2, "attempts": state.get("attempts", []), "pending": state.get("pending"),
+                 "chosen": None, "status": "training"}
     while state["status"] == "training":
         attempts = [calibrate.Attempt(a["knob"], a["l0"]) for a in state["attempts"]]
         if attempts and (_matched(v, b, attempts, target) or len(attempts) >= s.max_tries):
@@ -249,7 +251,9 @@ def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: tupl
             state["in_band"] = calibrate.in_band(attempts[state["chosen"]].l0, target, b.band)
             state["status"] = "evaluating"
             break
-        knob, knob2 = _knobs(v, b, state)
+        pending = state.get("pending") or {}
+        knob, knob2 = ((pending["knob"], pending["knob2"]) if pending.get("try") == f"try{len(attempts)}"
+                       else _knobs(v, b, state))  # an interrupted try resumes with its own knobs
         if v.knob == "k" and any(a.knob == knob for a in attempts):  # no other integer k is nearer: step by 1
             knob = attempts[-1].knob + (1.0 if attempts[-1].l0 < target else -1.0)
             if any(a.knob == knob for a in attempts) or knob < 1:  # both neighbours tried: keep the closest
@@ -260,8 +264,11 @@ def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: tupl
         name = f"try{len(attempts)}"
         shown = f"{knob:.4g}" + (f", τ₂ factor {knob2:.4g}" if knob2 is not None else "")
         say(f"{v.slug}: {name}, {v.knob} = {shown} ({steps} steps × {b.batch_size})")
+        state["pending"] = {"try": name, "knob": knob, "knob2": knob2}
+        _save(path, state)
         t0 = time.perf_counter()
         h = train_try(v, b, knob, s.seed, vdir / name, knob2)
+        state.pop("pending")
         state["attempts"].append({"try": name, "knob": knob, "knob2": knob2, "l0": h["l0"], "l0_1": h.get("l0_1"),
                                   "l0_2": h.get("l0_2"), "fvu": h["fvu"], "pca_fvu": h["pca_fvu"],
                                   "wall_s": time.perf_counter() - t0})
