@@ -263,6 +263,9 @@ def test_a_fresh_out_adopts_the_published_runs_and_carries_them_into_its_report(
     other = tmp_path / "other"
     s2, *_ = experiments.prepare(["--grid", "pareto", "--sources", "easy", "--synthetic-steps", "50"])
     assert experiments.adoptable(pub, other, s2) == {}
+    before = sorted(p.name for p in (pub / "runs" / "easy").glob("*.json"))
+    assert experiments.main(argv[:-4] + ["--out", str(pub), "--publish", str(pub)]) == 2  # would erase itself
+    assert sorted(p.name for p in (pub / "runs" / "easy").glob("*.json")) == before
 
 
 # -- the report against its JSON -------------------------------------------------------------

@@ -506,6 +506,11 @@ def prepare(argv: list[str]) -> tuple[Settings, Path, list[str], tuple[Variant, 
     out = Path(ns.out or f"experiments/{'quick' if ns.quick else ns.grid}")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder")
+    if ns.publish and Path(ns.publish).resolve() == out.resolve():
+        raise ConfigError(f"--publish {ns.publish} is the --out folder itself; publish to another folder "
+                          "(e.g. docs/results/pareto)")
+    if ns.publish and Path(ns.publish).exists() and not Path(ns.publish).is_dir():
+        raise ConfigError(f"--publish {ns.publish} is a file; give a folder")
     old = report.read_json(out / GRID_FILE)
     if old is None and (out / GRID_FILE).exists():
         raise ConfigError(f"{out / GRID_FILE} is not valid JSON; delete it (or the folder) to start over")
