@@ -210,6 +210,34 @@ def test_a_try_folder_under_other_settings_starts_over(tmp_path, monkeypatch):
     assert resumed == [True, False] and not try_dir.exists()
 
 
+def test_pareto_calibration_goes_on_until_its_tries_bracket_the_target(tmp_path, monkeypatch):
+    """A first try in the band but not at the target is followed by one aimed at its mirror
+    image, so that FVU can be read at the exact target; a run finished before this rule is
+    reopened for that try; the method grid keeps stopping in its band."""
+    s, *_ = experiments.prepare(["--grid", "pareto", "--sources", "easy"])
+    v, b = next(v for v in PARETO_GRID if v.name == "relu_l0x1_s1"), s.budgets["easy"]
+    trained = []
+
+    def fake(v, b, knob, seed, try_dir, knob2=None):
+        trained.append(knob)
+        return {"l0": 4.12 * (knob / 2.0) ** -1.0, "fvu": 0.1 * knob, "pca_fvu": 0.9}
+
+    monkeypatch.setattr(experiments, "train_try", fake)
+    import esosae.evals.run
+    monkeypatch.setattr(esosae.evals.run, "run_all", lambda *a, **k: None)
+    cal = experiments.run_variant(v, b, s, tmp_path, (2.0, None), print)
+    l0s = [a["l0"] for a in cal["attempts"]]
+    assert l0s[0] == pytest.approx(4.12) and min(l0s) < 4.0 < max(l0s) and len(l0s) == 2
+    assert calibrate.interpolate(cal["attempts"], 4.0, "fvu")["extrapolated"] is False
+    state = json.loads((tmp_path / "calibration.json").read_text())
+    state["attempts"] = state["attempts"][:1]  # as the grid left it before the rule
+    (tmp_path / "calibration.json").write_text(json.dumps(state))
+    trained.clear()
+    assert len(experiments.run_variant(v, b, s, tmp_path, None, print)["attempts"]) == 2 and len(trained) == 1
+    tries = [calibrate.Attempt(2.0, 4.12)]
+    assert experiments._matched(v, b, tries, 4.0) and not experiments._matched(v, b, tries, 4.0, exact=True)
+
+
 def test_only_the_six_methods_at_their_own_steps_are_probed():
     s, *_ = experiments.prepare(["--grid", "pareto"])
     by = {v.name: v for v in PARETO_GRID}

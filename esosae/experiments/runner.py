@@ -137,25 +137,29 @@ def train_try(v: Variant, b: Budget, knob: float, seed: int, try_dir: Path,
     return h
 
 
-def _knobs(v: Variant, b: Budget, state: dict[str, Any]) -> tuple[float, float | None]:
-    """The next try's knob (and τ₂ factor under a per-layer calibration)."""
+def _knobs(v: Variant, b: Budget, state: dict[str, Any], exact: bool = False) -> tuple[float, float | None]:
+    """The next try's knob (and τ₂ factor under a per-layer calibration). With ``exact``, a last
+    try already in the band aims at its mirror image target² / L0, on the target's other side,
+    so that the tries bracket the target (``_matched``)."""
     target, tries = b.target(v), state["attempts"]
     if not tries:
         return state["start"], (state.get("start2") or state["start"] if per_layer(v, b) else None)
+    last = tries[-1]["l0"]
+    aim = target * target / last if exact and v.knob != "k" and calibrate.in_band(last, target, b.band) else target
     if not per_layer(v, b):
-        knob = calibrate.next_knob(v.knob, [calibrate.Attempt(a["knob"], a["l0"]) for a in tries], target)
+        knob = calibrate.next_knob(v.knob, [calibrate.Attempt(a["knob"], a["l0"]) for a in tries], aim)
         return (float(max(1, round(knob))) if v.knob == "k" else knob), None
-    return tuple(calibrate.next_knob(v.knob, [calibrate.Attempt(a[k], a[l0] or 0.0) for a in tries], target / 2)
+    return tuple(calibrate.next_knob(v.knob, [calibrate.Attempt(a[k], a[l0] or 0.0) for a in tries], aim / 2)
                  for k, l0 in (("knob", "l0_1"), ("knob2", "l0_2")))  # type: ignore[return-value]
 
 
-def _matched(v: Variant, b: Budget, attempts: list[calibrate.Attempt], target: float) -> bool:
-    """Calibration is over: the last try is in the band, and a k (TopK, BatchTopK) has also
-    landed within ``calibrate.EXACT`` of the target or has tries on both sides of it, so that
-    its figures can be read at the exact target."""
+def _matched(v: Variant, b: Budget, attempts: list[calibrate.Attempt], target: float, exact: bool = False) -> bool:
+    """Calibration is over: the last try is in the band, and a k (TopK, BatchTopK), or any knob
+    with ``exact`` (the Pareto grid), has also landed within ``calibrate.EXACT`` of the target or
+    has tries on both sides of it, so that its figures can be read at the exact target."""
     if not calibrate.in_band(attempts[-1].l0, target, b.band):
         return False
-    if v.knob != "k":
+    if v.knob != "k" and not exact:
         return True
     l0s = [a.l0 for a in attempts]
     return abs(l0s[-1] / target - 1) <= calibrate.EXACT or (min(l0s) < target < max(l0s))
@@ -236,7 +240,12 @@ def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: tupl
     path = vdir / CALIBRATION_FILE
     state = report.read_json(path) or {}
     target, steps = b.target(v), b.steps_of(v)
-    if state.get("status") != "done":
+    exact = s.grid == "pareto"
+    done = [calibrate.Attempt(a["knob"], a["l0"]) for a in state.get("attempts", [])]
+    if (state.get("status") == "done" and exact and done and len(done) < s.max_tries
+            and not _matched(v, b, done, target, exact)):
+        state["status"] = "training"  # finished before the tries had to bracket the target: one more
+    if state.get("status") not in ("done", "training") or not state.get("attempts"):
         start, start2 = start_knob if start_knob is not None else (default_knob(v, b), None)
         if v.knob == "k":
             start = float(max(1, round(start)))
@@ -246,14 +255,14 @@ def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: tupl
                  "chosen": None, "status": "training"}
     while state["status"] == "training":
         attempts = [calibrate.Attempt(a["knob"], a["l0"]) for a in state["attempts"]]
-        if attempts and (_matched(v, b, attempts, target) or len(attempts) >= s.max_tries):
+        if attempts and (_matched(v, b, attempts, target, exact) or len(attempts) >= s.max_tries):
             state["chosen"] = calibrate.best(attempts, target)
             state["in_band"] = calibrate.in_band(attempts[state["chosen"]].l0, target, b.band)
             state["status"] = "evaluating"
             break
         pending = state.get("pending") or {}
         knob, knob2 = ((pending["knob"], pending["knob2"]) if pending.get("try") == f"try{len(attempts)}"
-                       else _knobs(v, b, state))  # an interrupted try resumes with its own knobs
+                       else _knobs(v, b, state, exact))  # an interrupted try resumes with its own knobs
         if v.knob == "k" and any(a.knob == knob for a in attempts):  # no other integer k is nearer: step by 1
             knob = attempts[-1].knob + (1.0 if attempts[-1].l0 < target else -1.0)
             if any(a.knob == knob for a in attempts) or knob < 1:  # both neighbours tried: keep the closest
