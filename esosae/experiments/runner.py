@@ -383,7 +383,7 @@ def seconds_per_step(source: str, b: Budget, out: Path) -> tuple[float, str]:
 
 
 def plan(sources: list[str], variants: tuple[Variant, ...], s: Settings, out: Path, jobs: int,
-         adopted: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+         adopted: frozenset[str] | set[str] = frozenset()) -> list[str]:
     """One line per source: runs, the ones still to train (``adopted`` slugs count as done),
     and the estimated wall time: three tries per calibrated run, 1.5 for TopK and for a Pareto
     run that starts from a relative's knobs (another seed of its method and L0 runs first), at
@@ -394,7 +394,7 @@ def plan(sources: list[str], variants: tuple[Variant, ...], s: Settings, out: Pa
         b, vs = s.budgets[src], variants
         todo = [v for v in vs if finished(out, src, v.slug) is None and f"{src}/{v.slug}" not in adopted]
         rate, how = seconds_per_step(src, b, out)
-        firsts = {(method_of(v), v.l0_factor, v.steps_factor) for v in vs if s.grid != "pareto" or v.seed_offset == 0}
+        firsts = {(method_of(v), v.l0_factor, v.steps_factor) for v in vs if v.seed_offset == 0}
         tries = [1.5 if v.arch == "topk" or (s.grid == "pareto" and (method_of(v), v.l0_factor, v.steps_factor)
                                              not in firsts) else min(3, s.max_tries) for v in todo]
         secs = sum(n * b.steps_of(v) * rate + EVAL_SECONDS[src] for n, v in zip(tries, todo)) / 2  # side by side
