@@ -6,6 +6,7 @@ import random
 # The kernel tests run Triton's CPU interpreter, which must be on before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import esosae  # noqa: F401  (before any test imports transformers: see esosae/__init__.py)
 import numpy as np
 import pytest
 import torch

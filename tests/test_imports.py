@@ -6,6 +6,7 @@ A module imports only from its own stage or the stages to its left, at module le
 inside functions alike; the check parses every file of the package."""
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,16 @@ def test_the_trainer_does_not_import_the_evaluations():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_the_bare_name_kernels_means_the_hub_distribution(tmp_path):
+    """transformers >= 5.25 imports Hugging Face's ``kernels``; run from the repository root, the
+    repository's kernels/ folder must not answer to that name (esosae/__init__.py's finder)."""
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("HUB = True\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    code = "import esosae, kernels, esosae.kernels as ours; print(kernels.HUB, ours.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", str(ROOT / "kernels" / "__init__.py")]
