@@ -74,9 +74,15 @@ def test_interpolation_at_the_exact_target():
              {"try": "c", "l0": 80.0, "fvu": 0.05}]
     i = calibrate.interpolate(tries, 32.0, "fvu")  # log-linear between a and b
     w = math.log(32 / 20) / math.log(2)
-    assert i["value"] == pytest.approx(0.2 - 0.1 * w) and i["from"] == ["a", "b"] and not i["extrapolated"]
+    assert i["value"] == pytest.approx(0.2 - 0.1 * w) and i["from"] == ["a", "b"] and i["how"] == "bracketed"
     near = calibrate.interpolate(tries[1:], 38.0, "fvu")
-    assert near["extrapolated"] and near["value"] > 0.1
+    assert near["how"] == "extrapolated" and near["value"] == pytest.approx(0.1 + 0.05 * math.log2(40 / 38))
+    # two tries at nearly one L0 extrapolate no farther than they span: the nearest is read
+    close = [{"try": "p", "l0": 4.18, "fvu": 0.029}, {"try": "q", "l0": 4.19, "fvu": 0.0334}]
+    assert calibrate.interpolate(close, 4.0, "fvu") == {"value": 0.029, "from": ["p"], "l0": [4.18],
+                                                         "values": [0.029], "how": "nearest"}
+    wider = [close[0], {"try": "r", "l0": 4.30, "fvu": 0.04}]  # spans farther than its gap to 4.1
+    assert calibrate.interpolate(wider, 4.1, "fvu")["how"] == "extrapolated"
     assert calibrate.interpolate(tries[1:], 20.0, "fvu") is None  # too far outside the tries
     assert calibrate.interpolate(tries[:1], 21.0, "fvu") is None  # one try, not at the target
     assert calibrate.interpolate(tries, 32.0, "kl_div") is None
@@ -228,7 +234,7 @@ def test_pareto_calibration_goes_on_until_its_tries_bracket_the_target(tmp_path,
     cal = experiments.run_variant(v, b, s, tmp_path, (2.0, None), print)
     l0s = [a["l0"] for a in cal["attempts"]]
     assert l0s[0] == pytest.approx(4.12) and min(l0s) < 4.0 < max(l0s) and len(l0s) == 2
-    assert calibrate.interpolate(cal["attempts"], 4.0, "fvu")["extrapolated"] is False
+    assert calibrate.interpolate(cal["attempts"], 4.0, "fvu")["how"] == "bracketed"
     state = json.loads((tmp_path / "calibration.json").read_text())
     state["attempts"] = state["attempts"][:1]  # as the grid left it before the rule
     (tmp_path / "calibration.json").write_text(json.dumps(state))

@@ -240,9 +240,8 @@ def interpolation_table(runs: list[dict[str, Any]]) -> list[str]:
         if not i:
             rows.append([r["slug"], r["target_l0"], "—", "—", "—", "not read: no pair of tries reaches the target"])
             continue
-        how = "at the target" if len(i["from"]) == 1 else "extrapolated" if i["extrapolated"] else "bracketed"
         rows.append([r["slug"], r["target_l0"], " / ".join(f"{t}: {fmt(x)}" for t, x in zip(i["from"], i["l0"])),
-                     " / ".join(fmt(x) for x in i["values"]), i["value"], how])
+                     " / ".join(fmt(x) for x in i["values"]), i["value"], i["how"]])
     return table(["run", "target L0", "tries (L0)", "their FVU", "FVU at target", "how"], rows)
 
 
