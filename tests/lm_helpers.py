@@ -56,6 +56,19 @@ def register_tiny(monkeypatch) -> None:
     monkeypatch.setitem(models.LOCAL_MODELS, TINY, tiny_factory)
 
 
+def tiny_run(tmp_path: Path, monkeypatch, *flags: str) -> list[str]:
+    """``python train.py`` flags for a short offline run of the tiny Llama on 150 lines of text
+    (the model registered, the hub unreachable); ``flags`` are the test's own."""
+    from esosae.data import models
+
+    register_tiny(monkeypatch)
+    monkeypatch.setattr(models, "hub_unavailable", lambda: "cannot reach huggingface.co: test")
+    text = write_txt(tmp_path / "text.txt", 150)
+    return ["--model", TINY, "--dataset", str(text), "--cache-dir", str(tmp_path / "cache"), "--context-size", "16",
+            "--eval-tokens", "100", "--harvest-batch", "8", "--batch-size", "64", "--m1", "32", "--m2", "32",
+            "--no-eval", *flags]
+
+
 def word_lines(n: int, seed: int, words: list[str] = WORDS) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))) for _ in range(n)]

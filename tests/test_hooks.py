@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lm_helpers import TINY, register_tiny, write_txt
+from lm_helpers import TINY, register_tiny, tiny_run, write_txt
 
 from esosae import cli
 from esosae.config import DataConfig, ModelConfig, TrainConfig
-from esosae.data import activations, models, stream
+from esosae.data import activations, stream
 from esosae.run.checkpoint import latest_checkpoint
 from esosae.training import loop
 
@@ -22,14 +22,8 @@ HOOKS = "blocks.0.hook_out,blocks.2.hook_out"
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    register_tiny(monkeypatch)
-    monkeypatch.setattr(models, "hub_unavailable", lambda: "cannot reach huggingface.co: test")
-    text = write_txt(tmp_path / "text.txt", 150)
-    base = ["--model", TINY, "--dataset", str(text), "--cache-dir", str(tmp_path / "cache"),
-            "--out-dir", str(tmp_path / "run"), "--context-size", "16", "--harvest-tokens", "400",
-            "--eval-tokens", "100", "--harvest-batch", "8", "--buffer-tokens", "1024",
-            "--steps", "6", "--batch-size", "64", "--m1", "32", "--m2", "32", "--no-eval"]
-    return tmp_path, base
+    return tmp_path, tiny_run(tmp_path, monkeypatch, "--out-dir", str(tmp_path / "run"), "--harvest-tokens", "400",
+                              "--buffer-tokens", "1024", "--steps", "6")
 
 
 def forwards(monkeypatch, module) -> list[tuple[str, ...]]:

@@ -3,23 +3,15 @@
 import json
 
 import pytest
-from lm_helpers import TINY, register_tiny, write_txt
+from lm_helpers import TINY, tiny_run
 
 from esosae import cli
-
-from esosae.data import models
 
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    register_tiny(monkeypatch)
-    monkeypatch.setattr(models, "hub_unavailable", lambda: "cannot reach huggingface.co: test")
-    text = write_txt(tmp_path / "text.txt", 150)
-    base = ["--model", TINY, "--hook", "blocks.1.hook_out", "--dataset", str(text),
-            "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "run"),
-            "--context-size", "16", "--harvest-tokens", "400", "--eval-tokens", "100", "--harvest-batch", "8",
-            "--steps", "4", "--batch-size", "64", "--m1", "32", "--m2", "32", "--no-eval"]
-    return tmp_path, base
+    return tmp_path, tiny_run(tmp_path, monkeypatch, "--hook", "blocks.1.hook_out", "--out-dir", str(tmp_path / "run"),
+                              "--harvest-tokens", "400", "--steps", "4")
 
 
 def test_tiny_lm_run_harvests_then_reuses(env, capsys):

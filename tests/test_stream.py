@@ -5,24 +5,18 @@ import json
 
 import pytest
 import torch
-from lm_helpers import TINY, register_tiny, write_txt
+from lm_helpers import tiny_run
 
 from esosae import cli
-from esosae.data import models, stream
+from esosae.data import stream
 from esosae.run.checkpoint import latest_checkpoint
 from esosae.training import loop
 
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    register_tiny(monkeypatch)
-    monkeypatch.setattr(models, "hub_unavailable", lambda: "cannot reach huggingface.co: test")
-    text = write_txt(tmp_path / "text.txt", 150)
-    base = ["--model", TINY, "--hook", "blocks.1.hook_out", "--dataset", str(text),
-            "--cache-dir", str(tmp_path / "cache"), "--activations", "stream", "--buffer-tokens", "1024",
-            "--context-size", "16", "--eval-tokens", "100", "--harvest-batch", "8",
-            "--steps", "40", "--batch-size", "64", "--m1", "32", "--m2", "32", "--no-eval"]
-    return tmp_path, base
+    return tmp_path, tiny_run(tmp_path, monkeypatch, "--hook", "blocks.1.hook_out", "--activations", "stream",
+                              "--buffer-tokens", "1024", "--steps", "40")
 
 
 def weights(run):
