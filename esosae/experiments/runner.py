@@ -230,6 +230,13 @@ def start_knobs(v: Variant, b: Budget, out: Path, source: str,
     return None
 
 
+def _keep_closest(state: dict[str, Any], attempts: list[calibrate.Attempt], target: float, band: float) -> None:
+    """Calibration ends: the try closest to the target is chosen, and evaluated next."""
+    state["chosen"] = calibrate.best(attempts, target)
+    state["in_band"] = calibrate.in_band(attempts[state["chosen"]].l0, target, band)
+    state["status"] = "evaluating"
+
+
 def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: tuple[float, float | None] | None,
                 say: Any) -> dict[str, Any]:
     """Calibrate ``v`` on ``b`` (or pick up where an earlier invocation stopped), evaluate the
@@ -256,9 +263,7 @@ def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: tupl
     while state["status"] == "training":
         attempts = [calibrate.Attempt(a["knob"], a["l0"]) for a in state["attempts"]]
         if attempts and (_matched(v, b, attempts, target, exact) or len(attempts) >= s.max_tries):
-            state["chosen"] = calibrate.best(attempts, target)
-            state["in_band"] = calibrate.in_band(attempts[state["chosen"]].l0, target, b.band)
-            state["status"] = "evaluating"
+            _keep_closest(state, attempts, target, b.band)
             break
         pending = state.get("pending") or {}
         knob, knob2 = ((pending["knob"], pending["knob2"]) if pending.get("try") == f"try{len(attempts)}"
@@ -266,9 +271,7 @@ def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: tupl
         if v.knob == "k" and any(a.knob == knob for a in attempts):  # no other integer k is nearer: step by 1
             knob = attempts[-1].knob + (1.0 if attempts[-1].l0 < target else -1.0)
             if any(a.knob == knob for a in attempts) or knob < 1:  # both neighbours tried: keep the closest
-                state["chosen"] = calibrate.best(attempts, target)
-                state["in_band"] = calibrate.in_band(attempts[state["chosen"]].l0, target, b.band)
-                state["status"] = "evaluating"
+                _keep_closest(state, attempts, target, b.band)
                 break
         name = f"try{len(attempts)}"
         shown = f"{knob:.4g}" + (f", τ₂ factor {knob2:.4g}" if knob2 is not None else "")
