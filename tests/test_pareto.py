@@ -274,15 +274,19 @@ def test_calibration_bisects_a_bracket_when_a_collapsed_try_would_set_the_slope(
 
 def test_a_fresh_out_adopts_the_published_runs_and_carries_them_into_its_report(tmp_path, capsys):
     """A new clone continues the committed grid: published finished runs count as done (the
-    plan says so), are copied into --out's runs/ with grid.json's invocations, and never
-    trained again; a published grid with other settings is not mixed in."""
+    plan says so), are copied into --out's runs/ with grid.json's invocations, read at the
+    target by the current rule, and never trained again; a published grid with other settings
+    is not mixed in."""
     pub, out = tmp_path / "pub", tmp_path / "out"
     s, *_ = experiments.prepare(["--grid", "pareto", "--sources", "easy"])
     rng = np.random.default_rng(0)
     for v in PARETO_GRID[:3]:
         p = pub / "runs" / "easy" / f"{v.slug}.json"
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(fake_run("easy", v, rng, 4.0 * v.l0_factor)))
+        rec = fake_run("easy", v, rng, 4.0 * v.l0_factor)
+        rec["interpolation"] = {k: x for k, x in rec["interpolation"].items() if k != "how"}  # an older rule's
+        rec["at_target"]["fvu"] = -1.0
+        p.write_text(json.dumps(rec))
     g = {**json.loads(json.dumps(s.to_dict())), "invocations": [{"command": "earlier", "started": "x", "wall_s": 5.0}]}
     (pub / "grid.json").write_text(json.dumps(g))
     argv = ["--grid", "pareto", "--sources", "easy", "--runs", "0-1", "--out", str(out), "--publish", str(pub)]
@@ -294,6 +298,10 @@ def test_a_fresh_out_adopts_the_published_runs_and_carries_them_into_its_report(
     calls = json.loads((pub / "grid.json").read_text())["invocations"]
     assert [c["command"] for c in calls][0] == "earlier" and len(calls) == 2
     assert check_report_against_json(pub) > 0
+    for p in (pub / "runs" / "easy").glob("*.json"):  # adopted records are read again by the current rule
+        rec = json.loads(p.read_text())
+        assert rec["interpolation"] == calibrate.interpolate(rec["tries"], rec["target_l0"], "fvu")
+        assert rec["at_target"]["fvu"] == rec["interpolation"]["value"] > 0
     other = tmp_path / "other"
     s2, *_ = experiments.prepare(["--grid", "pareto", "--sources", "easy", "--synthetic-steps", "50"])
     assert experiments.adoptable(pub, other, s2) == {}

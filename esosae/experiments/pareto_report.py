@@ -61,6 +61,14 @@ def _get(d: Any, *path: str) -> Any:
 # -- 1. per-run JSON ----------------------------------------------------------------------
 
 
+def read_at_target(rec: dict[str, Any]) -> None:
+    """``at_target`` (each metric read at the exact target L0 from the tries) and
+    ``interpolation`` (how FVU was read) of a per-run record, by calibrate.interpolate's rule."""
+    at = {k: calibrate.interpolate(rec["tries"], rec["target_l0"], k) for k in AT_TARGET} if rec["tries"] else {}
+    rec["at_target"] = {k: (x or {}).get("value") for k, x in at.items()}
+    rec["interpolation"] = at.get("fvu")
+
+
 def run_record(cal: dict[str, Any], source: str, slug: str, try_dir: Path | None) -> dict[str, Any]:
     """The per-run JSON: settings, tries, the chosen try's metrics and those at the target."""
     v = cal.get("variant", {})
@@ -71,9 +79,7 @@ def run_record(cal: dict[str, Any], source: str, slug: str, try_dir: Path | None
         "status": cal.get("status"), "error": cal.get("error"), "in_band": cal.get("in_band"),
         "knob": cal.get("knob"), "tries": cal.get("attempts", []), "chosen": cal.get("chosen"),
     }
-    at = {k: calibrate.interpolate(rec["tries"], rec["target_l0"], k) for k in AT_TARGET} if rec["tries"] else {}
-    rec["at_target"] = {k: (x or {}).get("value") for k, x in at.items()}
-    rec["interpolation"] = at.get("fvu")
+    read_at_target(rec)
     if try_dir is None:
         return rec
     core = _read(try_dir / EVAL_DIR / "core.json").get("eval_result_metrics", {})
@@ -104,9 +110,10 @@ def run_record(cal: dict[str, Any], source: str, slug: str, try_dir: Path | None
 
 
 def collect(out: Path) -> list[Path]:
-    """Write ``runs/<source>/<slug>.json`` for every run folder with a calibration.json; each
-    also gets ``align_r_control`` (``control_r``), which needs the other runs of its source,
-    those adopted from a published grid (a JSON in ``runs/`` with no run folder) included."""
+    """Write ``runs/<source>/<slug>.json`` for every run folder with a calibration.json and
+    refresh those adopted from a published grid (a JSON in ``runs/`` with no run folder): each
+    gets its readings at the target and ``align_r_control`` (``control_r``), which needs the
+    other runs of its source, the adopted included."""
     recs: list[dict[str, Any]] = []
     for cal_path in sorted(out.glob(f"*/run*/{CALIBRATION_FILE}")):
         cal = _read(cal_path)
@@ -119,6 +126,7 @@ def collect(out: Path) -> list[Path]:
              if (p.parent.name, p.stem) not in ours for rec in [_read(p)] if rec]
     written = []
     for rec in recs:
+        read_at_target(rec)  # an adopted record too, read by the current rule
         if rec["status"] == "done":
             rec["align_r_control"] = control_r(rec, [r for r in recs if r["source"] == rec["source"]])
         path = out / RUNS_DIR / rec["source"] / f"{rec['slug']}.json"
