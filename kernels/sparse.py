@@ -42,6 +42,16 @@ from esosae.kernels.utils import alloc, check_inputs, launch, nvtx_range, round_
 
 
 @triton.jit
+def _weighted_rows(t_ptr, idx, v, ok, dcols, d_ok, d, INTERP_BF16: tl.constexpr):
+    """Σ_k v_k · table[idx_k, dcols] in fp32 over BLOCK_K pairs (masked by ok), each weight
+    rounded to the table's dtype first: the inner step of both sparse products."""
+    v = round_to(v, t_ptr.dtype.element_ty, INTERP_BF16).to(tl.float32)
+    rows = tl.load(t_ptr + idx.to(tl.int64)[:, None] * d + dcols[None, :], mask=ok[:, None] & d_ok[None, :],
+                   other=0.0)  # (BLOCK_K, BLOCK_N)
+    return tl.sum(v[:, None] * rows.to(tl.float32), axis=0)
+
+
+@triton.jit
 def _row_gather_kernel(
     # pointers
     row_ptr,  # (B + 1,) int32: row b's pairs are [row_ptr[b], row_ptr[b + 1])
@@ -73,10 +83,7 @@ def _row_gather_kernel(
         p_ok = p0 + ps < tl.load(row_ptr + b + 1)
         j = tl.load(cols_ptr + p0 + ps, mask=p_ok, other=0)
         v = tl.load(v_ptr + p0 + ps, mask=p_ok, other=0.0).to(tl.float32)
-        v = round_to(v, t_ptr.dtype.element_ty, INTERP_BF16).to(tl.float32)
-        rows = tl.load(t_ptr + j.to(tl.int64)[:, None] * d + dcols[None, :], mask=p_ok[:, None] & d_ok[None, :],
-                       other=0.0)  # (BLOCK_K, BLOCK_N)
-        acc += tl.sum(v[:, None] * rows.to(tl.float32), axis=0)
+        acc += _weighted_rows(t_ptr, j, v, p_ok, dcols, d_ok, d, INTERP_BF16)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + dcols, mask=d_ok, other=0.0).to(tl.float32)
     out = round_to(acc, out_ptr.dtype.element_ty, INTERP_BF16)
@@ -151,10 +158,7 @@ def _segment_sum_kernel(
         b = tl.load(rows_ptr + p, mask=q_ok, other=0)
         v = tl.load(v_ptr + p, mask=q_ok, other=0.0).to(tl.float32)
         total += v
-        vr = round_to(v, a_ptr.dtype.element_ty, INTERP_BF16).to(tl.float32)
-        rows = tl.load(a_ptr + b.to(tl.int64)[:, None] * d + dcols[None, :], mask=q_ok[:, None] & d_ok[None, :],
-                       other=0.0)  # (BLOCK_K, BLOCK_N)
-        acc += tl.sum(vr[:, None] * rows.to(tl.float32), axis=0)
+        acc += _weighted_rows(a_ptr, b, v, q_ok, dcols, d_ok, d, INTERP_BF16)
     tl.store(out_ptr + j.to(tl.int64) * d + dcols, round_to(acc, out_ptr.dtype.element_ty, INTERP_BF16), mask=d_ok)
     if COL_SUM:
         if dchunk == 0:
