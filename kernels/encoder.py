@@ -33,6 +33,29 @@ from esosae.kernels.utils import (alloc, check_inputs, group_size, launch, mma, 
                                   tile_ids)
 
 
+@triton.jit
+def _pre_activation_tile(x_ptr, w_ptr, b_enc_ptr, b_dec_ptr, rows, cols, row_ok, col_ok, d, m,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         INTERP_BF16: tl.constexpr, PRECISION: tl.constexpr):
+    """a = (x − b_dec) W_enc + b_enc on one (BLOCK_M, BLOCK_N) tile, accumulated in fp32 over
+    d, with x − b_dec rounded to x's dtype first (as torch rounds it): the forward's prologue,
+    which the θ-gradient kernel repeats to recompute a."""
+    ks = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * d + ks[None, :]  # (BLOCK_M, BLOCK_K)
+    w_ptrs = w_ptr + ks.to(tl.int64)[:, None] * m + cols[None, :]  # (BLOCK_K, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, d, BLOCK_K):
+        k_ok = k0 + ks < d
+        xt = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        bd = tl.load(b_dec_ptr + k0 + ks, mask=k_ok, other=0.0)
+        xc = round_to(xt.to(tl.float32) - bd.to(tl.float32)[None, :], xt.dtype, INTERP_BF16)
+        wt = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = mma(acc, xc, wt, INTERP_BF16, PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * m
+    return acc + tl.load(b_enc_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+
+
 @triton.jit(do_not_specialize=["group"])  # one compilation whatever the group
 def _encode_fwd_kernel(
     # pointers
@@ -61,24 +84,11 @@ def _encode_fwd_kernel(
     pid_b, pid_m = tile_ids(tl.program_id(0), n_b, n_m, group)
     rows = pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_m * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
     row_ok = rows < B
     col_ok = cols < m
-    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * d + ks[None, :]  # (BLOCK_M, BLOCK_K)
-    w_ptrs = w_ptr + ks.to(tl.int64)[:, None] * m + cols[None, :]  # (BLOCK_K, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, d, BLOCK_K):
-        k_ok = k0 + ks < d
-        xt = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        bd = tl.load(b_dec_ptr + k0 + ks, mask=k_ok, other=0.0)
-        xc = round_to(xt.to(tl.float32) - bd.to(tl.float32)[None, :], xt.dtype, INTERP_BF16)  # as torch rounds it
-        wt = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(acc, xc, wt, INTERP_BF16, PRECISION)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K * m
-    b_enc = tl.load(b_enc_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    a = _pre_activation_tile(x_ptr, w_ptr, b_enc_ptr, b_dec_ptr, rows, cols, row_ok, col_ok, d, m,
+                             BLOCK_M, BLOCK_N, BLOCK_K, INTERP_BF16, PRECISION)
     theta = tl.load(theta_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    a = acc + b_enc[None, :]
     valid = row_ok[:, None] & col_ok[None, :]
     above = (a > theta[None, :]) & valid
     fa = a * above.to(tl.float32)  # a·1[a > θ] in fp32 (NaN·0 stays NaN)
@@ -313,24 +323,11 @@ def _encode_bwd_theta_kernel(
     pid_b, pid_m = tile_ids(tl.program_id(0), n_b, n_m, group)
     rows = pid_b * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_m * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K)
     row_ok = rows < B
     col_ok = cols < m
-    x_ptrs = x_ptr + rows.to(tl.int64)[:, None] * d + ks[None, :]  # (BLOCK_M, BLOCK_K)
-    w_ptrs = w_ptr + ks.to(tl.int64)[:, None] * m + cols[None, :]  # (BLOCK_K, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    for k0 in range(0, d, BLOCK_K):
-        k_ok = k0 + ks < d
-        xt = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        bd = tl.load(b_dec_ptr + k0 + ks, mask=k_ok, other=0.0)
-        xc = round_to(xt.to(tl.float32) - bd.to(tl.float32)[None, :], xt.dtype, INTERP_BF16)
-        wt = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = mma(acc, xc, wt, INTERP_BF16, PRECISION)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K * m
-    b_enc = tl.load(b_enc_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    a = _pre_activation_tile(x_ptr, w_ptr, b_enc_ptr, b_dec_ptr, rows, cols, row_ok, col_ok, d, m,
+                             BLOCK_M, BLOCK_N, BLOCK_K, INTERP_BF16, PRECISION)
     theta = tl.load(theta_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    a = acc + b_enc[None, :]
     valid = row_ok[:, None] & col_ok[None, :]
     window = (tl.abs(a - theta[None, :]) < eps * 0.5) & valid  # K((a − θ)/ε)
     gf = tl.load(g_f_ptr + rows.to(tl.int64)[:, None] * m + cols[None, :], mask=valid, other=0.0).to(tl.float32)
