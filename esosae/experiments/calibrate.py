@@ -119,6 +119,7 @@ def _line(a: dict, b: dict, target: float, key: str, how: str) -> dict:
     return {**_reading([a, b], key, how), "value": a[key] + (b[key] - a[key]) * w}
 
 
-def _reading(pair: list[dict], key: str, how: str) -> dict:
-    return {"value": pair[0][key], "from": [t["try"] for t in pair], "l0": [t["l0"] for t in pair],
-            "values": [t[key] for t in pair], "how": how}
+def _reading(used: list[dict], key: str, how: str) -> dict:
+    """The reading's record of the tries it used; its value is the first's own."""
+    return {"value": used[0][key], "from": [t["try"] for t in used], "l0": [t["l0"] for t in used],
+            "values": [t[key] for t in used], "how": how}

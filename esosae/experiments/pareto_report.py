@@ -122,11 +122,13 @@ def collect(out: Path) -> list[Path]:
         try_dir = cal_path.parent / cal["attempts"][cal["chosen"]]["try"] if done else None
         recs.append(run_record(cal, source, slug, try_dir))
     ours = {(r["source"], r["slug"]) for r in recs}
-    recs += [rec for p in sorted((out / RUNS_DIR).glob("*/*.json"))
-             if (p.parent.name, p.stem) not in ours for rec in [_read(p)] if rec]
+    adopted = [rec for p in sorted((out / RUNS_DIR).glob("*/*.json"))
+               if (p.parent.name, p.stem) not in ours for rec in [_read(p)] if rec]
+    for rec in adopted:  # read by the current rule, as run_record reads ours
+        read_at_target(rec)
+    recs += adopted
     written = []
     for rec in recs:
-        read_at_target(rec)  # an adopted record too, read by the current rule
         if rec["status"] == "done":
             rec["align_r_control"] = control_r(rec, [r for r in recs if r["source"] == rec["source"]])
         path = out / RUNS_DIR / rec["source"] / f"{rec['slug']}.json"
