@@ -9,13 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from lm_helpers import TINY as TINY_LM
-from lm_helpers import interrupt_harvest_at, register_tiny, write_txt
+from lm_helpers import interrupt_harvest_at, tiny_run
 
 
 from esosae.run import checkpoint
-
-from esosae.data import models
 
 from esosae.run import atomic as runio
 from esosae.cli import main
@@ -153,14 +150,10 @@ def test_ctrl_c_during_checkpoint_writes_leaves_them_whole_and_no_traceback(tmp_
 
 
 def test_ctrl_c_during_the_harvest_is_one_line_exit_130_and_caches_nothing(tmp_path, capsys, monkeypatch):
-    register_tiny(monkeypatch)
-    monkeypatch.setattr(models, "hub_unavailable", lambda: "cannot reach huggingface.co: test")
     calls = interrupt_harvest_at(monkeypatch, 3)
-    text = write_txt(tmp_path / "text.txt", 150)
     cache, run = tmp_path / "cache", tmp_path / "run"
-    argv = ["--model", TINY_LM, "--hook", "blocks.1.hook_out", "--dataset", str(text), "--cache-dir", str(cache),
-            "--out-dir", str(run), "--context-size", "16", "--harvest-tokens", "400", "--eval-tokens", "100",
-            "--harvest-batch", "8", "--steps", "4", "--batch-size", "64", "--m1", "32", "--m2", "32", "--no-eval"]
+    argv = tiny_run(tmp_path, monkeypatch, "--hook", "blocks.1.hook_out", "--out-dir", str(run),
+                    "--harvest-tokens", "400", "--steps", "4")
     assert in_process(argv) == 130
     err = capsys.readouterr().err
     assert "Traceback" not in err
