@@ -15,7 +15,7 @@ from esosae.evals.core import _kl_sum, pca_fvu
 from esosae.evals.curriculum import partial_given
 from esosae.experiments import calibrate, pareto_report
 from esosae.experiments import runner as experiments
-from esosae.experiments.grid import PARETO_GRID, Variant, pareto_budgets, train_config
+from esosae.experiments.grid import PARETO_GRID, PARETO_HARVEST_TOKENS, Variant, pareto_budgets, train_config
 
 PUBLISHED = Path(__file__).resolve().parent.parent / "docs" / "results" / "pareto"
 
@@ -34,6 +34,7 @@ def test_the_plan_is_six_methods_at_three_l0s_and_three_seeds_eight_ablations_an
         (m, t) for m in pareto_report.METHODS for t in (0.5, 2.0))
     b = pareto_budgets(quick=False)
     assert b["lm"].steps * b["lm"].batch_size >= 1200 * 1024 and b["easy"].steps == b["hard"].steps == 2000
+    assert b["lm"].harvest_tokens == PARETO_HARVEST_TOKENS < b["lm"].tokens  # the bundled text, read twice
     assert all(x.band == 0.05 and x.per_layer for x in b.values())
     assert b["lm"].target(g[6]) == 2 * b["lm"].target_l0 == 64  # relu, L0 × 2, seed 0
 
@@ -443,6 +444,22 @@ def test_bootstrap_interval_is_within_the_values_and_collapses_on_one():
     lo, hi = pareto_report.bootstrap([1.0, 2.0, 4.0])
     assert 1.0 <= lo < hi <= 4.0
     assert pareto_report.bootstrap([3.0, 3.0]) == (3.0, 3.0)
+
+
+@pytest.mark.slow
+def test_the_bundled_text_holds_the_pareto_language_model_cache():
+    """The language model's cache (PARETO_HARVEST_TOKENS and the held-out set) fits in the
+    bundled text at the default mix, counted as the harvest counts (text positions only):
+    a harvest that runs out stops the grid with an error after ~11 minutes."""
+    from esosae.data import text
+    from esosae.data.models import load_model
+
+    b = pareto_budgets(quick=False)["lm"]
+    cfg = train_config(PARETO_GRID[0], b, 1.0, 0, "x")
+    d, model = cfg.data, load_model(cfg.model)
+    stream = text.contexts(text.parse_sources(d.dataset), model.tokenizer, model.bos_id, d.context_size, d.data_seed)
+    n = sum(int(model.keep(ids).sum()) for ids in text.batches(stream, d.harvest_batch))
+    assert n >= b.harvest_tokens + d.eval_tokens + d.context_size, n  # held out: whole contexts
 
 
 @pytest.mark.slow

@@ -387,10 +387,11 @@ def how_run(out: Path) -> list[str]:
                      f"{f'wall {wall / 60:.1f} min' if wall is not None else 'did not finish'}; "
                      f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, load {inv.get('load', '?')}")
     lines.append("")
-    rows = [[s, b["steps"], b["batch_size"], b["steps"] * b["batch_size"], b["m"], b["target_l0"],
-             f"±{b.get('band', 0.2):.0%}", b.get("dead_window")] for s, b in g.get("budgets", {}).items()]
-    lines += table(["source", "steps", "batch", "tokens", "E-SOSAE width per layer (baselines 2×)",
-                    "middle target L0 (also ½×, 2×)", "band", "dead window (tokens)"], rows)
+    rows = [[s, b["steps"], b["batch_size"], b["steps"] * b["batch_size"], b.get("harvest_tokens") or "—", b["m"],
+             b["target_l0"], f"±{b.get('band', 0.2):.0%}", b.get("dead_window")] for s, b in g.get("budgets", {}).items()]
+    lines += table(["source", "steps", "batch", "tokens", "cached tokens (read in turn)",
+                    "E-SOSAE width per layer (baselines 2×)", "middle target L0 (also ½×, 2×)", "band",
+                    "dead window (tokens)"], rows)
     lines += [(f"Up to {g.get('max_tries')} calibration tries per run; E-SOSAE's τ₁ and τ₂ factors are calibrated "
                "apart (each layer to half the target), so every variant has its own layer ratio. "
                "'dead % (held-out)' counts features that fire on no held-out token; 'dead % (last window)' "
