@@ -180,6 +180,13 @@ def test_same_folder_with_other_settings_is_refused(tmp_path, monkeypatch, capsy
     assert experiments.main(["--quick", "--sources", "easy", "--synthetic-steps", "40", "--runs", "2",
                              "--out", str(out)]) == 2
     assert "holds a grid run with other settings (budgets.easy)" in capsys.readouterr().err
+    # hard has no run in the folder yet, so it takes the new budget (recorded for the next invocation)
+    calls = count_training(monkeypatch, fail_run=2)
+    assert experiments.main(["--quick", "--sources", "hard", "--synthetic-steps", "40", "--runs", "2", "--jobs", "1",
+                             "--out", str(out)]) == 1 and calls == [2]
+    budgets = json.loads((out / "grid.json").read_text())["budgets"]
+    assert (budgets["easy"]["steps"], budgets["hard"]["steps"]) == (30, 40)
+    assert experiments.main([*FAST, "--sources", "hard", "--runs", "2", "--out", str(out)]) == 2
 
 
 def test_the_reports_roles_come_from_the_variants_settings():

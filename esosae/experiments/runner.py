@@ -526,7 +526,8 @@ def prepare(argv: list[str]) -> tuple[Settings, Path, list[str], tuple[Variant, 
     old = report.read_json(out / GRID_FILE)
     if old is None and (out / GRID_FILE).exists():
         raise ConfigError(f"{out / GRID_FILE} is not valid JSON; delete it (or the folder) to start over")
-    diff = settings_diff(old, s, sources) if old is not None else []
+    begun = [src for src in sources if any((out / src).glob("run*")) or any((out / RUNS_DIR / src).glob("*.json"))]
+    diff = settings_diff(old, s, begun) if old is not None else []  # a source with no run yet takes new budgets
     if diff:
         raise ConfigError(f"{out} holds a grid run with other settings ({', '.join(diff)}); "
                           "use another --out or the same flags as before")
@@ -585,13 +586,14 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "gpu": gpu}
 
 
-def record_invocation(out: Path, s: Settings, argv: list[str], index: int | None = None,
+def record_invocation(out: Path, s: Settings, argv: list[str], sources: list[str], index: int | None = None,
                       wall_s: float | None = None) -> int:
-    """grid.json: the settings, and every invocation's command, machine, date and wall time.
-    A new invocation is appended (returns its index); ``index`` fills in its wall time."""
+    """grid.json: the settings (the budgets of ``sources``, the others' as recorded before),
+    and every invocation's command, machine, date and wall time. A new invocation is
+    appended (returns its index); ``index`` fills in its wall time."""
     old = report.read_json(out / GRID_FILE) or {}
     d = s.to_dict()
-    d["budgets"] = {**old.get("budgets", {}), **d["budgets"]}
+    d["budgets"] = {**old.get("budgets", {}), **{src: d["budgets"][src] for src in sources}}
     calls = old.get("invocations", [])
     if index is None:
         calls.append({"command": " ".join([PROG, *argv]), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -620,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     if found:
         adopt(Path(ns.publish), out, s, found)
         print(f"adopted {len(found)} finished runs published in {ns.publish}", flush=True)
-    me = record_invocation(out, s, argv)
+    me = record_invocation(out, s, argv, sources)
     t0 = time.perf_counter()
     results: dict[str, dict[str, str]] = {src: {} for src in sources}
     interrupted = False
@@ -647,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:  # e.g. the language model or dataset cannot be found: same for every run
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    record_invocation(out, s, argv, me, time.perf_counter() - t0)
+    record_invocation(out, s, argv, sources, me, time.perf_counter() - t0)
     path = report.write_report(out)
     if ns.publish:
         report.publish(out, Path(ns.publish))
