@@ -3,6 +3,7 @@
 import json
 import math
 import random
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -148,6 +149,16 @@ def test_probing_cache_is_reused_hashing_each_file_once(probing_cache, monkeypat
     assert loads == [1] and "rebuilding" not in capsys.readouterr().err
     assert sorted(hashed) == sorted(probe_cache.FILES)
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
+
+
+def test_two_runs_wanting_one_probing_cache_build_it_once(probing_cache):
+    """Two runs side by side on a fresh machine (a grid's --jobs 2): the second waits for the
+    first's cache instead of building its own."""
+    build, folder, loads = probing_cache
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(lambda _: build(), range(2))
+    assert loads == [1]
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
 
 
 PROBE_META_EDITS = {  # what is done to meta.json → why the cache is rebuilt

@@ -26,7 +26,6 @@ message saying why (an edited scale or row count is never trained on).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import re
@@ -47,7 +46,7 @@ from esosae.data.models import LoadedModel, cache_root, check_hook, hooks_activa
 from esosae.data.sources import ArraySource
 from esosae.errors import UserError
 from esosae.run import manifest
-from esosae.run.atomic import Interrupted, atomic_dir
+from esosae.run.atomic import Interrupted, atomic_dir, build_lock
 
 FORMAT_VERSION = 1
 CHUNK_ROWS = 1 << 17
@@ -266,19 +265,6 @@ def harvest(cfgs: list[TrainConfig], sources: list[text.TextSource], model: Load
     return metas
 
 
-@contextlib.contextmanager
-def _build_lock(root: Path) -> Iterator[None]:
-    """One harvest at a time under ``root``: another process (a data-parallel rank, a second
-    run) waits here, then finds the cache built instead of harvesting it again."""
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
 def ensure_caches(cfgs: list[TrainConfig], device: torch.device | str = "cpu",
                   progress: bool = True) -> list[ActivationCache]:
     """The caches for ``cfgs`` (one hook each, the same data settings): those that match are
@@ -291,7 +277,7 @@ def ensure_caches(cfgs: list[TrainConfig], device: torch.device | str = "cpu",
 
     metas = verified()
     if any(isinstance(m, str) for m in metas):
-        with _build_lock(folders[0].parent):
+        with build_lock(folders[0].parent):
             metas = verified()  # another process may have built them meanwhile
             todo = [i for i, m in enumerate(metas) if isinstance(m, str)]
             if todo:

@@ -38,7 +38,7 @@ from esosae.data.models import LoadedModel, hook_activations, note
 from esosae.errors import UserError
 from esosae.evals.tasks import ProbeDataset
 from esosae.run import manifest
-from esosae.run.atomic import atomic_dir
+from esosae.run.atomic import atomic_dir, build_lock
 
 FORMAT_VERSION = 1
 FILES = ("rows.npy", "offsets.npy", "pooled.npy")
@@ -138,13 +138,17 @@ def harvest(model: LoadedModel, texts: list[str], hook: str, context_size: int, 
 def ensure(dataset: ProbeDataset, wanted: dict[str, Any], root: Path, get_model: Callable[[], LoadedModel],
            hook: str, batch_tokens: int, progress: bool = True) -> ProbeActivations:
     """The cache for ``dataset``: reused when it matches, otherwise computed (the model is
-    loaded through ``get_model`` only then)."""
+    loaded through ``get_model`` only then), one process at a time (``build_lock``)."""
     folder = cache_folder(root, wanted)
     found = manifest.read(folder, wanted)  # the verified manifest, or why the cache cannot be used
     if isinstance(found, str):
-        if folder.exists():
-            note(f"probing cache {folder}: {found}; rebuilding it")
-        note(f"caching {wanted['model']} activations at {hook} on {len(dataset.texts):,} "
-             f"{dataset.name} texts in {folder}")
-        harvest(get_model(), dataset.texts, hook, wanted["context_size"], batch_tokens, folder, wanted, progress)
+        with build_lock(folder.parent):
+            found = manifest.read(folder, wanted)  # another process may have built it meanwhile
+            if isinstance(found, str):
+                if folder.exists():
+                    note(f"probing cache {folder}: {found}; rebuilding it")
+                note(f"caching {wanted['model']} activations at {hook} on {len(dataset.texts):,} "
+                     f"{dataset.name} texts in {folder}")
+                harvest(get_model(), dataset.texts, hook, wanted["context_size"], batch_tokens, folder, wanted,
+                        progress)
     return open_cache(folder)

@@ -6,11 +6,13 @@ the old version (or nothing) behind, never a torn file. A process killed mid-wri
 its temporary sibling behind: ``remove_orphaned_temps`` clears them where no other process
 writes. ``deferred_sigint`` holds Ctrl-C back while a write that must finish runs, and
 ``Interrupted`` is how a clean stop on Ctrl-C reaches the command line (exit code 130).
+``build_lock`` lets one process at a time build a shared cache.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -127,3 +129,16 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def build_lock(root: Path) -> Iterator[None]:
+    """One cache build at a time under ``root``: another process (a data-parallel rank, a
+    second run of a grid) waits here, then finds the cache built instead of building it again."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
