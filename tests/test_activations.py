@@ -1,5 +1,6 @@
 """Harvesting and the on-disk activation cache (esosae/data/activations.py)."""
 
+import os
 import shutil
 import subprocess
 import sys
@@ -114,6 +115,19 @@ def test_mismatch_rebuilds_with_a_message(tmp_path, tiny, capsys):
     assert leftovers(cfg) == [activations.cache_folder(cfg).name]
 
 
+def test_a_recopied_text_file_with_the_same_bytes_keeps_its_cache(tmp_path, tiny, capsys):
+    """A data folder copied again (new mtimes, same bytes) is the same text: no new harvest."""
+    cfg = tiny_cfg(tmp_path)
+    first = snapshot(build(cfg))
+    shutil.copy(cfg.data.dataset, tmp_path / "copy.txt")
+    shutil.move(tmp_path / "copy.txt", cfg.data.dataset)
+    os.utime(cfg.data.dataset, ns=(1, 1))
+    capsys.readouterr()
+    again = snapshot(build(cfg))
+    assert "using cached activations" in capsys.readouterr().err
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
 def test_caches_of_other_sizes_live_side_by_side(tmp_path, tiny, capsys):
     cfg = tiny_cfg(tmp_path)
     build(cfg)
@@ -157,7 +171,8 @@ def test_intact_cache_is_reused_reading_each_file_once(tmp_path, tiny, monkeypat
     monkeypatch.setattr(activations, "harvest", lambda *a, **k: pytest.fail("harvested again"))
     cache = build(cfg)
     assert "using cached activations" in capsys.readouterr().err
-    assert len(reads) == 1 and sorted(hashed) == sorted(meta["files"])  # meta.json read once, each file hashed once
+    text_file = os.path.basename(cfg.data.dataset)  # hashed once for the settings: the text's identity
+    assert len(reads) == 1 and sorted(hashed) == sorted([*meta["files"], text_file])  # each cache file hashed once
     assert cache.meta == meta and cache.scale == meta["scale"]
 
 

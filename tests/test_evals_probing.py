@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import random
 from concurrent.futures import ThreadPoolExecutor
 
@@ -159,6 +160,17 @@ def test_two_runs_wanting_one_probing_cache_build_it_once(probing_cache):
         first, second = pool.map(lambda _: build(), range(2))
     assert loads == [1]
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
+
+
+def test_probing_cache_settings_follow_the_bytes_not_the_mtime(tmp_path):
+    path = write_probe_file(tmp_path / "p.jsonl")
+    spec = tasks.resolve(str(path))
+    before = tasks.describe(spec)
+    os.utime(path, ns=(1, 1))
+    assert tasks.describe(spec) == before
+    with open(path, "a") as fh:
+        fh.write(json.dumps({"text": "one more", "label": "a"}) + "\n")
+    assert tasks.describe(spec) != before
 
 
 PROBE_META_EDITS = {  # what is done to meta.json → why the cache is rebuilt

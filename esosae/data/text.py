@@ -33,6 +33,7 @@ import torch
 
 from esosae.data.hub import hub_unavailable
 from esosae.errors import UserError
+from esosae.run import manifest
 
 FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SHUFFLE_CONTEXTS = 1024
@@ -80,8 +81,7 @@ class TextSource:
         if self.hub:
             d["hub"], d["config"] = self.hub, self.hub_config
         else:
-            d["files"] = [{"path": str(f), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
-                          for f in self.files]
+            d["files"] = [manifest.file_identity(f) for f in self.files]
         return d
 
 

@@ -47,6 +47,7 @@ import numpy as np
 from esosae.data.hub import hub_unavailable
 from esosae.data.text import data_dir
 from esosae.errors import UserError
+from esosae.run import manifest
 
 MIN_PER_CLASS = 2
 """A task needs at least this many texts of each class in each split."""
@@ -169,7 +170,7 @@ def describe(spec: DatasetSpec) -> dict[str, Any]:
         path = _file_path(f)
         if not path.is_file():
             raise ProbingDataError(f"probing file {path} does not exist; check the data dir (ESOSAE_DATA_DIR)")
-        files.append({"path": str(path), "bytes": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns})
+        files.append(manifest.file_identity(path))
     return {"name": spec.name, "files": files}
 
 

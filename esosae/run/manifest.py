@@ -42,6 +42,13 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def file_identity(path: Path) -> dict[str, Any]:
+    """What a source file holds, for a cache's settings: its name, size and sha256. Not its
+    path or mtime, so a cache survives a moved or re-copied data folder whose files are
+    unchanged, and is rebuilt when a byte of them changes."""
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
 def checksum(manifest: dict[str, Any]) -> str:
     """sha256 of the manifest's canonical JSON, its own "checksum" field left out."""
     body = {k: v for k, v in manifest.items() if k != "checksum"}
