@@ -245,6 +245,25 @@ def test_pareto_calibration_goes_on_until_its_tries_bracket_the_target(tmp_path,
     assert experiments._matched(v, b, tries, 4.0) and not experiments._matched(v, b, tries, 4.0, exact=True)
 
 
+def test_a_bracketing_try_need_not_be_in_the_band_and_a_near_miss_is_mirrored_by_half_the_band():
+    """L0 moves a few % from try to try at nearly one knob: a try in the band and one past the
+    target on its other side end the calibration wherever the second lands, and a try just
+    off the target is followed by one aimed at least half the band away on the other side."""
+    s, *_ = experiments.prepare(["--grid", "pareto", "--sources", "easy"])
+    v, b = next(v for v in PARETO_GRID if v.name == "relu_l0x1_s1"), s.budgets["easy"]
+    inside, past = calibrate.Attempt(2.0, 4.1), calibrate.Attempt(2.4, 3.7)  # +2.5%, then -7.5% (out of band)
+    assert experiments._matched(v, b, [inside, past], 4.0, exact=True)
+    assert experiments._matched(v, b, [past, inside], 4.0, exact=True)
+    assert not experiments._matched(v, b, [calibrate.Attempt(1.0, 4.5), past], 4.0, exact=True)  # none in band
+    assert not experiments._matched(v, b, [inside, past], 4.0)  # the method grid: the last try must be in band
+    state = {"start": 2.0, "attempts": [{"knob": 2.0, "l0": 4.02}]}  # +0.5%: its mirror 3.98 is within the noise
+    aim = 4.0 * (1 - b.band / 2)
+    assert experiments._knobs(v, b, state, exact=True)[0] == pytest.approx(2.0 * (aim / 4.02) ** -1.0)
+    state["attempts"].append({"knob": 2.06, "l0": 4.01})  # still above: aim from the closest in-band try
+    assert experiments._knobs(v, b, state, exact=True)[0] == pytest.approx(
+        calibrate.next_knob("l1_coeff", [calibrate.Attempt(2.0, 4.02), calibrate.Attempt(2.06, 4.01)], aim))
+
+
 def test_only_the_six_methods_at_their_own_steps_are_probed():
     s, *_ = experiments.prepare(["--grid", "pareto"])
     by = {v.name: v for v in PARETO_GRID}

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -138,14 +139,21 @@ def train_try(v: Variant, b: Budget, knob: float, seed: int, try_dir: Path,
 
 
 def _knobs(v: Variant, b: Budget, state: dict[str, Any], exact: bool = False) -> tuple[float, float | None]:
-    """The next try's knob (and τ₂ factor under a per-layer calibration). With ``exact``, a last
-    try already in the band aims at its mirror image target² / L0, on the target's other side,
-    so that the tries bracket the target (``_matched``)."""
+    """The next try's knob (and τ₂ factor under a per-layer calibration). With ``exact``, once a
+    try is in the band and no try lies on the target's other side, the next aims there, at
+    the in-band try's mirror image target² / L0 but at least half the band from the target,
+    so that the step outruns L0's try-to-try noise (a few %) and the tries bracket the target
+    (``_matched``)."""
     target, tries = b.target(v), state["attempts"]
     if not tries:
         return state["start"], (state.get("start2") or state["start"] if per_layer(v, b) else None)
-    last = tries[-1]["l0"]
-    aim = target * target / last if exact and v.knob != "k" and calibrate.in_band(last, target, b.band) else target
+    aim = target
+    if exact and v.knob != "k":
+        banded = [a["l0"] for a in tries if calibrate.in_band(a["l0"], target, b.band)]
+        if banded and not min(a["l0"] for a in tries) < target < max(a["l0"] for a in tries):
+            near = min(banded, key=lambda l0: abs(math.log(l0 / target)))
+            aim = target * min(target / near, 1 - b.band / 2) if near > target else \
+                target * max(target / near, 1 + b.band / 2)
     if not per_layer(v, b):
         knob = calibrate.next_knob(v.knob, [calibrate.Attempt(a["knob"], a["l0"]) for a in tries], aim)
         return (float(max(1, round(knob))) if v.knob == "k" else knob), None
@@ -154,15 +162,17 @@ def _knobs(v: Variant, b: Budget, state: dict[str, Any], exact: bool = False) ->
 
 
 def _matched(v: Variant, b: Budget, attempts: list[calibrate.Attempt], target: float, exact: bool = False) -> bool:
-    """Calibration is over: the last try is in the band, and a k (TopK, BatchTopK), or any knob
-    with ``exact`` (the Pareto grid), has also landed within ``calibrate.EXACT`` of the target or
-    has tries on both sides of it, so that its figures can be read at the exact target."""
-    if not calibrate.in_band(attempts[-1].l0, target, b.band):
-        return False
-    if v.knob != "k" and not exact:
-        return True
+    """Calibration is over: a try is in the band (the method grid: the last), and for a k
+    (TopK, BatchTopK), or any knob with ``exact`` (the Pareto grid), a try has also landed
+    within ``calibrate.EXACT`` of the target or tries lie on both sides of it, so that its
+    figures can be read at the exact target (the try that brackets it need not be in the band:
+    the closest try is the one chosen)."""
     l0s = [a.l0 for a in attempts]
-    return abs(l0s[-1] / target - 1) <= calibrate.EXACT or (min(l0s) < target < max(l0s))
+    if v.knob != "k" and not exact:
+        return calibrate.in_band(l0s[-1], target, b.band)
+    if not any(calibrate.in_band(l0, target, b.band) for l0 in l0s):
+        return False
+    return any(abs(l0 / target - 1) <= calibrate.EXACT for l0 in l0s) or (min(l0s) < target < max(l0s))
 
 
 def evals_of(v: Variant, s: Settings) -> tuple[str, ...]:
