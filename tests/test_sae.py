@@ -34,6 +34,17 @@ def test_forward_matches_reference(m2):
         assert torch.equal(out["f2"], want["f2"])
 
 
+@pytest.mark.parametrize("arch,m2", [("esosae", 16), ("esosae", 0), ("relu", 0), ("topk", 0), ("batchtopk", 0),
+                                     ("jumprelu", 0)])
+def test_features_are_the_forward_codes_without_the_last_decode(arch, m2):
+    model = make(arch=arch, m2=m2, k=4).double().eval()  # BatchTopK's inference threshold in eval mode
+    x = torch.randn(13, 10, dtype=torch.float64)
+    out = model(x)
+    want = torch.cat([out["f1"]] + ([out["f2"]] if m2 else []), dim=1)  # (13, m1 + m2)
+    got = model.features(x)
+    assert got.shape == (13, 24 + m2) and torch.equal(got, want) and (got > 0).any()
+
+
 def test_topk_keeps_k_per_row():
     model = make(arch="topk", m2=0, k=5)
     out = model(torch.randn(20, 10))

@@ -58,8 +58,7 @@ LLM_RESULTS = "llm_results.json"
 
 def sae_features(sae: DualLayerSAE, x: torch.Tensor) -> torch.Tensor:
     """[f1, f2] (B, m1 + m2) of raw activations x (B, d); [f1] for a single-layer SAE."""
-    out = sae(x * sae.scale, TORCH)
-    return torch.cat([out[f"f{i + 1}"] for i in range(sae.layers)], dim=1)
+    return sae.features(x * sae.scale, TORCH)
 
 
 @torch.no_grad()

@@ -102,12 +102,7 @@ class DualLayerSAE(nn.Module):
 
         x = op(x)
         cfg, b_dec = self.cfg, op(self.b_dec)
-        if cfg.arch == "topk":
-            f1, l1_1, fire1 = reference.topk_encode(x, op(self.W_enc1), op(self.b_enc1), b_dec, cfg.k)
-        elif cfg.arch == "batchtopk" and self.training:
-            f1, l1_1, fire1 = reference.batchtopk_encode(x, op(self.W_enc1), op(self.b_enc1), b_dec, cfg.k)
-        else:
-            f1, l1_1, fire1 = self._encode(1, x, op(self.W_enc1), op(self.b_enc1), b_dec, ops)
+        f1, l1_1, fire1 = self._encode1(x, op, ops)
         W_dec1, W_dec2 = op(self.W_dec1), op(self.W_dec2)
         x_hat, sq_err = ops.decode(f1, W_dec1, b_dec, x)  # (B, d), (B,)
         out = {"f1": f1, "l1_1": l1_1, "fire1": fire1}
@@ -122,6 +117,27 @@ class DualLayerSAE(nn.Module):
         if cfg.aux_k > 0 and self.training and torch.is_grad_enabled():
             out["aux"] = self.aux_loss(x - b_dec, r.detach(), (x - x_hat).detach(), op)
         return out
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor, ops: Backend = TORCH) -> torch.Tensor:
+        """[f1, f2] (B, m1 + m2) of normalized x (B, d), as ``forward`` computes them, without
+        the last decode: f2 reads layer 1's residual r = x − x̂₁, and nothing reads x̂₂."""
+        f1 = self._encode1(x, lambda t: t, ops)[0]
+        if self.cfg.m2 == 0:
+            return f1
+        r = x - ops.decode(f1, self.W_dec1, self.b_dec, x)[0]  # (B, d)
+        f2 = self._encode(2, r, self.W_enc2, self.b_enc2, self.zero_bias, ops)[0]
+        return torch.cat([f1, f2], dim=1)
+
+    def _encode1(self, x: torch.Tensor, op: Any, ops: Backend) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer 1's (f1, L1, fire counts): TopK, BatchTopK (a batch's top B·k while training)
+        or the JumpReLU of ``_encode``; ``op`` casts the parameters to the products' dtype."""
+        cfg, b_dec = self.cfg, op(self.b_dec)
+        if cfg.arch == "topk":
+            return reference.topk_encode(x, op(self.W_enc1), op(self.b_enc1), b_dec, cfg.k)
+        if cfg.arch == "batchtopk" and self.training:
+            return reference.batchtopk_encode(x, op(self.W_enc1), op(self.b_enc1), b_dec, cfg.k)
+        return self._encode(1, x, op(self.W_enc1), op(self.b_enc1), b_dec, ops)
 
     def _encode(self, i: int, x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
                 ops: Backend) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
