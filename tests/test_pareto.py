@@ -147,6 +147,16 @@ def test_run_ranges_and_the_plan_write_nothing(tmp_path, capsys):
     assert "plan easy: 64 runs" in capsys.readouterr().out  # quick: seeds 0 and 1
 
 
+def test_the_plan_takes_the_median_rate_of_its_tries(tmp_path):
+    """Tries slowed by other work on the machine do not set the estimate."""
+    b = pareto_budgets(quick=False)["lm"]
+    for run, walls in (("run03_x", [120.0, 100.0]), ("run12_x", [600.0])):
+        (tmp_path / "lm" / run).mkdir(parents=True)
+        (tmp_path / "lm" / run / "calibration.json").write_text(json.dumps(
+            {"steps": 1000, "attempts": [{"l0": 1.0, "wall_s": w} for w in walls]}))
+    assert experiments.seconds_per_step("lm", b, tmp_path) == (pytest.approx(0.12), "median of 3 tries")
+
+
 def _finish(out, v, knob, knob2=None, l0=32.0):
     d = out / "lm" / v.slug
     d.mkdir(parents=True)

@@ -44,6 +44,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import torch
 
 from esosae.args import OneLineParser, add_fields
@@ -385,12 +386,13 @@ REF_WIDTH = {"lm": 1152, "easy": 256, "hard": 1024}
 
 
 def seconds_per_step(source: str, b: Budget, out: Path) -> tuple[float, str]:
-    """This grid's own measured seconds per step on ``source`` (its finished tries), else the
-    first grid's scaled to ``b``; and which one it is."""
-    walls = [(a["wall_s"], cal.get("steps", b.steps)) for p in out.glob(f"{source}/run*/{CALIBRATION_FILE}")
+    """This grid's own seconds per step on ``source``: the median over its finished tries, so
+    that tries slowed by other work on the machine (a test suite, a second grid) do not set
+    the estimate; else the first grid's scaled to ``b``; and which one it is."""
+    rates = [a["wall_s"] / cal.get("steps", b.steps) for p in out.glob(f"{source}/run*/{CALIBRATION_FILE}")
              for cal in [report.read_json(p) or {}] for a in cal.get("attempts", []) if a.get("wall_s")]
-    if walls:
-        return sum(w for w, _ in walls) / sum(n for _, n in walls), f"measured on {len(walls)} tries"
+    if rates:
+        return float(np.median(rates)), f"median of {len(rates)} tries"
     scale = b.batch_size * b.m / (1024 * REF_WIDTH[source])
     return SECONDS_PER_STEP[source] * scale, "the first grid's rate"
 
