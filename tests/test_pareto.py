@@ -147,6 +147,42 @@ def test_run_ranges_and_the_plan_write_nothing(tmp_path, capsys):
     assert "plan easy: 64 runs" in capsys.readouterr().out  # quick: seeds 0 and 1
 
 
+def test_a_per_layer_run_in_its_band_crosses_the_target_with_both_tau_factors():
+    """The language model's fixed-margin ablation: in the band from its third try, then five
+    more crawled 0.3% steps of τ₁ inside a per-layer bracket made with try0's other τ₂. Once
+    in the band both factors scale together, each step that stays on the same side doubling."""
+    v, b = next(v for v in PARETO_GRID if v.name == "fixed_mu_l0x1_s0"), pareto_budgets(quick=False)["lm"]
+    tries = [{"knob": k1, "knob2": k2, "l0": l1 + l2, "l0_1": l1, "l0_2": l2} for k1, k2, l1, l2 in (
+        (0.8692, 0.7298, 15.11, 22.87), (0.8433, 0.8808, 16.49, 17.57), (0.8522, 0.9418, 16.64, 15.91))]
+    aim, c = 32.0 * (1 - b.band / 2), None  # 32.55 is 1.7% above: its mirror 31.46 is nearer than half the band
+    k1, k2 = experiments._knobs(v, b, {"attempts": tries}, exact=True)
+    c = (aim / 32.55) ** (1 / calibrate.PRIOR_SLOPE["tau_scale"])
+    assert (k1, k2) == (pytest.approx(0.8522 * c), pytest.approx(0.9418 * c)) and c > 1.01
+    tries.append({"knob": k1, "knob2": k2, "l0": 32.3, "l0_1": 16.65, "l0_2": 15.65})  # above again: step doubles
+    k1, k2 = experiments._knobs(v, b, {"attempts": tries}, exact=True)
+    c2 = (aim / 32.3) ** (2 / calibrate.PRIOR_SLOPE["tau_scale"])
+    assert (k1, k2) == (pytest.approx(tries[-1]["knob"] * c2), pytest.approx(tries[-1]["knob2"] * c2))
+
+
+def test_per_layer_calibration_brackets_the_target_when_layers_are_coupled():
+    """The fixed-margin ablation's L0s as power laws fitted to its tries (layer 1's L0 rises
+    with τ₂ too) with ±1% noise, from its first knobs: the run ends, a try in the band and the
+    target bracketed, within five tries (bisecting per-layer brackets took more than six)."""
+    v, b = next(v for v in PARETO_GRID if v.name == "fixed_mu_l0x1_s0"), pareto_budgets(quick=False)["lm"]
+    noise = iter([1.0, 1.01, 0.995, 1.01, 1.005, 0.99])
+    state = {"start": 0.8692, "start2": 0.7298, "attempts": []}
+    for _ in range(6):
+        k1, k2 = experiments._knobs(v, b, state, exact=True)
+        l1, l2 = 16.64 * (k1 / 0.8522) ** -1.0 * (k2 / 0.9418) ** 0.45, 15.91 * (k2 / 0.9418) ** -1.4
+        e = next(noise)
+        state["attempts"].append({"knob": k1, "knob2": k2, "l0_1": l1 * e, "l0_2": l2 * e, "l0": (l1 + l2) * e})
+        if experiments._matched(v, b, [calibrate.Attempt(a["knob"], a["l0"]) for a in state["attempts"]], 32.0,
+                                exact=True):
+            break
+    l0s = [a["l0"] for a in state["attempts"]]
+    assert min(l0s) < 32.0 < max(l0s) and len(l0s) <= 5, l0s
+
+
 def test_the_plan_takes_the_median_rate_of_its_tries(tmp_path):
     """Tries slowed by other work on the machine do not set the estimate."""
     b = pareto_budgets(quick=False)["lm"]

@@ -144,22 +144,41 @@ def _knobs(v: Variant, b: Budget, state: dict[str, Any], exact: bool = False) ->
     try is in the band and no try lies on the target's other side, the next aims there, at
     the in-band try's mirror image target² / L0 but at least half the band from the target,
     so that the step outruns L0's try-to-try noise (a few %) and the tries bracket the target
-    (``_matched``)."""
+    (``_matched``); under a per-layer calibration both τ factors then move together
+    (``_across``)."""
     target, tries = b.target(v), state["attempts"]
     if not tries:
         return state["start"], (state.get("start2") or state["start"] if per_layer(v, b) else None)
     aim = target
     if exact and v.knob != "k":
-        banded = [a["l0"] for a in tries if calibrate.in_band(a["l0"], target, b.band)]
+        banded = [a for a in tries if calibrate.in_band(a["l0"], target, b.band)]
         if banded and not min(a["l0"] for a in tries) < target < max(a["l0"] for a in tries):
-            near = min(banded, key=lambda l0: abs(math.log(l0 / target)))
-            aim = target * min(target / near, 1 - b.band / 2) if near > target else \
-                target * max(target / near, 1 + b.band / 2)
+            near = min(banded, key=lambda a: abs(math.log(a["l0"] / target)))
+            aim = target * min(target / near["l0"], 1 - b.band / 2) if near["l0"] > target else \
+                target * max(target / near["l0"], 1 + b.band / 2)
+            if per_layer(v, b):
+                return _across(v, tries, near, aim, target, b.band)
     if not per_layer(v, b):
         knob = calibrate.next_knob(v.knob, [calibrate.Attempt(a["knob"], a["l0"]) for a in tries], aim)
         return (float(max(1, round(knob))) if v.knob == "k" else knob), None
     return tuple(calibrate.next_knob(v.knob, [calibrate.Attempt(a[k], a[l0] or 0.0) for a in tries], aim / 2)
                  for k, l0 in (("knob", "l0_1"), ("knob2", "l0_2")))  # type: ignore[return-value]
+
+
+def _across(v: Variant, tries: list[dict[str, Any]], near: dict[str, Any], aim: float, target: float,
+            band: float) -> tuple[float, float]:
+    """A per-layer calibration's step across the target once a try is in the band: both τ
+    factors of the in-band try ``near`` scaled by one c along the prior slope of the total L0,
+
+        c = (aim / L0_near)^(2ⁿ / prior),   n = the tries after the first in-band one,
+
+    all on ``near``'s side (else the target is bracketed): the layer ratio stays as
+    calibrated, and a step that fell short doubles in log until one lands across. Per layer,
+    a bracket would pair tries whose other τ differed (layer 1's L0 moves with τ₂ through
+    training), and bisecting it crawls: 0.3% steps of τ₁ on the language model."""
+    first = next(i for i, a in enumerate(tries) if calibrate.in_band(a["l0"], target, band))
+    c = (aim / near["l0"]) ** (2 ** (len(tries) - 1 - first) / calibrate.PRIOR_SLOPE[v.knob])
+    return near["knob"] * c, near["knob2"] * c
 
 
 def _matched(v: Variant, b: Budget, attempts: list[calibrate.Attempt], target: float, exact: bool = False) -> bool:
