@@ -44,6 +44,17 @@ def test_calibration_interpolates_between_bracketing_tries_and_bounds_its_steps(
     assert calibrate.next_knob("l1_coeff", flat, 25.0) == pytest.approx(2.0 * 4.0)
 
 
+def test_a_near_flat_secant_steps_no_farther_than_a_quarter_of_the_prior_slope():
+    """E-SOSAE v1's layer 2 on the language model (half the steps): τ₂ 0.878 → 0.976 moved its L0
+    17.80 → 17.46 (a secant of -0.18), and the secant's step to 1.56 dropped it to 6.99 against 16."""
+    tries = [calibrate.Attempt(0.7793, 20.08), calibrate.Attempt(0.8782, 17.80), calibrate.Attempt(0.9763, 17.46)]
+    floor = calibrate.PRIOR_SLOPE["tau_scale"] / 4
+    assert calibrate.next_knob("tau_scale", tries, 16.0) == pytest.approx(0.9763 * (16.0 / 17.46) ** (1 / floor))
+    steep = [calibrate.Attempt(1.0, 20.0), calibrate.Attempt(1.1, 16.8)]  # a secant of -1.83: taken as it is
+    secant = math.log(16.8 / 20.0) / math.log(1.1)
+    assert calibrate.next_knob("tau_scale", steep, 16.0) == pytest.approx(1.1 * (16.0 / 16.8) ** (1 / secant))
+
+
 def test_run_configs_follow_method_section_8():
     b = budgets(quick=False)["lm"]
     auto = AUTO_DEFAULTS["lm"]

@@ -6,9 +6,12 @@ L0 responds to the knobs roughly as a power law, so each new try solves
 - the pair is the two tries nearest the target (in |log L0 / target|, the later on a tie)
   at distinct knobs;
 - b is the pair's secant slope ``log(L0_b / L0_a) / log(knob_b / knob_a)`` when it moved L0
-  the expected way (b · prior > 0.1), else the prior slope: -1.9 for the τ_T factor (measured on
-  the default run, docs/default_run.md) and -1 for λ, from the last try alone (a knob that
-  did not move L0 is thus pushed further, never tried again);
+  the expected way (b · prior > 0.1), but at least a quarter of the prior in size: two tries
+  at nearly one knob differ in L0 by noise (a few %), and a near-flat secant would send the
+  next knob far past the target (E-SOSAE's τ₂ on the language model: a secant of -0.18
+  moved it 1.6×, and layer 2's L0 from 17.5 to 7.0 against 16). Else the prior slope: -1.9
+  for the τ_T factor (measured on the default run, docs/default_run.md) and -1 for λ, from
+  the last try alone (a knob that did not move L0 is thus pushed further, never tried again);
 - once tries bracket the target, the new knob must fall inside the bracket (the narrowest
   pair of tries adjacent in knob order with L0 on either side of the target, a tenth of its
   log-width in from either end); else it is the bracket's geometric middle. A far try (a
@@ -72,7 +75,7 @@ def next_knob(knob_name: str, attempts: list[Attempt], target: float) -> float:
     if other:
         secant = math.log(other[0].l0 / near[0].l0) / math.log(other[0].knob / near[0].knob)
         if secant * slope > 0.1:  # moved L0 the expected way
-            last, slope = near[0], secant
+            last, slope = near[0], math.copysign(max(abs(secant), abs(slope) / 4), slope)
     l0 = max(last.l0, 1e-3)  # a run that went silent still needs a finite step
     factor = (target / l0) ** (1.0 / slope)
     knob = last.knob * min(max(factor, 1.0 / MAX_STEP), MAX_STEP)
