@@ -1,5 +1,7 @@
 """Core metrics with CE loss recovered (esosae/evals/core.py) on the tiny offline Llama."""
 
+import os
+
 import pytest
 import torch
 from lm_helpers import TINY, register_tiny, write_txt
@@ -62,8 +64,11 @@ def test_sae_independent_baselines_are_computed_once(run_cfg, tiny, tmp_path, mo
     real = core.ce_sums
     monkeypatch.setattr(core, "ce_sums", lambda *a, **k: calls.append(list(a[3])) or real(*a, **k))
     first = core.ce_loss_recovered(tiny, tokens, HOOK, lambda x: 0.5 * x, batch=8, cache=tmp_path / "c")
+    [stored] = (tmp_path / "c" / "ce").iterdir()
+    os.utime(stored, (1e9, 1e9))
     second = core.ce_loss_recovered(tiny, tokens, HOOK, lambda x: 0.5 * x, batch=8, cache=tmp_path / "c")
     assert calls == [["clean", "zero"], ["sae"], ["sae"]] and first == second
+    assert stored.stat().st_mtime > 1e9  # the reuse is its last use (python -m esosae.data.caches)
     assert core.ce_loss_recovered(tiny, tokens[1:], HOOK, lambda x: 0.5 * x, batch=8, cache=tmp_path / "c") != first
     assert calls[-2:] == [["clean", "zero"], ["sae"]]  # other tokens: other baselines
 

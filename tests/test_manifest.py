@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import re
 
 import numpy as np
@@ -49,7 +50,9 @@ def test_round_trip(cache):
     folder, written = cache
     assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "x.npy", "y.npy"]  # no temporary left
     on_disk = json.loads((folder / manifest.META).read_text())
+    os.utime(folder, (1e9, 1e9))
     assert manifest.read(folder, SETTINGS) == written == on_disk
+    assert folder.stat().st_mtime > 1e9  # a verified reuse is the cache's last use
     assert list(on_disk) == ["settings", "scale", "rows", "files", "checksum"]
     assert on_disk["settings"]["sizes"] == [60, 24] and on_disk["rows"] == 7
     assert on_disk["files"]["x.npy"] == {"bytes": (folder / "x.npy").stat().st_size,

@@ -1,6 +1,7 @@
 """Loading models as TransformerBridges, hooks, the BOS convention (esosae/data/models.py)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -89,7 +90,9 @@ def test_weight_cache_checksums_catch_damage(tmp_path):
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"x" * 1000)
     (folder / models.MANIFEST).write_text(json.dumps(models._manifest(folder)))
+    os.utime(folder, (1e9, 1e9))
     assert models._cache_problem(folder) is None
+    assert folder.stat().st_mtime > 1e9  # a reuse is its last use (python -m esosae.data.caches)
     (folder / "model.safetensors").write_bytes(b"x" * 999)
     assert "checksums" in models._cache_problem(folder)
     (folder / models.MANIFEST).unlink()

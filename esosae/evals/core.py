@@ -32,6 +32,7 @@ from esosae.config import TrainConfig
 from esosae.data import text
 from esosae.data.models import LoadedModel
 from esosae.run.atomic import atomic_write_text
+from esosae.run.manifest import mark_used
 from esosae.sae.backend import TORCH, Backend
 from esosae.sae.model import DualLayerSAE
 
@@ -203,6 +204,7 @@ def ce_baselines(lm: LoadedModel, tokens: torch.Tensor, hook: str, batch: int, c
         try:
             stored = json.loads(path.read_text())
             if stored["key"] == key:
+                mark_used(path)
                 return stored["sums"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError):
             pass

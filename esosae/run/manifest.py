@@ -16,14 +16,16 @@ so an edit to any field (a digit of the scale, a row count, a file's checksum, a
 or a torn file is caught before anything is trusted; JSON floats round-trip exactly, so the
 checksum of a value read back equals the one written. ``read`` checks, in order: the file
 parses, its checksum, the settings, then every file's size and sha256, and returns the
-manifest or a one-phrase reason the caller turns into "...: <reason>; rebuilding it". A
-meta.json written before manifests carried a checksum is a reason too (the cache is rebuilt).
+manifest (and marks the folder used, ``mark_used``) or a one-phrase reason the caller turns
+into "...: <reason>; rebuilding it". A meta.json written before manifests carried a checksum
+is a reason too (the cache is rebuilt).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -107,4 +109,14 @@ def read(folder: Path, wanted: dict[str, Any]) -> dict[str, Any] | str:
             return f"{name} is missing or truncated"
         if file_sha256(file) != rec["sha256"]:
             return f"{name} does not match its checksum"
+    mark_used(folder)
     return manifest
+
+
+def mark_used(path: Path) -> None:
+    """Record a cache's reuse as its modification time, the last use that
+    ``python -m esosae.data.caches`` lists and prunes by (a build sets it too)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass  # a read-only cache is still usable; it only looks older than it is
