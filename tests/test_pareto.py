@@ -378,6 +378,48 @@ def test_a_fresh_out_adopts_the_published_runs_and_carries_them_into_its_report(
     assert sorted(p.name for p in (pub / "runs" / "easy").glob("*.json")) == before
 
 
+
+def test_a_run_published_mid_calibration_goes_on_from_its_tries(tmp_path, monkeypatch, capsys):
+    """A fresh clone adopts a run whose calibration was published unfinished (its tries' weights
+    stayed elsewhere): the plan still counts it to train, a publish keeps it, and it is trained
+    from the knob its published tries lead to (not its first knob again), which its JSON records."""
+    pub, out = tmp_path / "pub", tmp_path / "out"
+    s, *_ = experiments.prepare(["--grid", "pareto", "--sources", "easy"])
+    v, b = next(v for v in PARETO_GRID if v.name == "relu_l0x1_s0"), s.budgets["easy"]
+    law = lambda knob: 4.0 * (knob / 2.0) ** -0.8  # noqa: E731 (L0 against λ, the target 4 at λ 2)
+    earlier = [{"try": f"try{i}", "knob": k, "knob2": None, "l0": law(k), "fvu": 0.1, "pca_fvu": 0.5, "wall_s": 9.0}
+               for i, k in enumerate((0.5, 1.0))]  # both below λ 2: L0 6.96 and 9.19, out of band
+    rec = {"source": "easy", "slug": v.slug, "run": v.run, "status": "training", "tries": earlier, "chosen": None,
+           "target_l0": 4.0, "band": b.band}
+    (pub / "runs" / "easy").mkdir(parents=True)
+    (pub / "runs" / "easy" / f"{v.slug}.json").write_text(json.dumps(rec))
+    (pub / "grid.json").write_text(json.dumps({**json.loads(json.dumps(s.to_dict())), "invocations": []}))
+    argv = ["--grid", "pareto", "--sources", "easy", "--runs", str(v.run), "--jobs", "1", "--out", str(out),
+            "--publish", str(pub)]
+    assert experiments.main(argv + ["--plan"]) == 0
+    assert "plan easy: 1 runs (0 done)" in capsys.readouterr().out
+    assert list(experiments.adoptable(pub, out, s)) == [f"easy/{v.slug}"]
+    trained = []
+
+    def fake(v, b, knob, seed, try_dir, knob2=None):
+        trained.append(knob)
+        return {"l0": law(knob), "fvu": 0.05 * knob, "pca_fvu": 0.5}
+
+    monkeypatch.setattr(experiments, "train_try", fake)
+    import esosae.evals.run
+    monkeypatch.setattr(esosae.evals.run, "run_all", lambda *a, **k: None)
+    monkeypatch.setattr(experiments.report, "write_report", lambda out: out / "report.md")
+    assert experiments.main(argv) == 0
+    assert "and 1 published mid-calibration" in capsys.readouterr().out
+    secant = calibrate.next_knob("l1_coeff", [calibrate.Attempt(t["knob"], t["l0"]) for t in earlier], 4.0)
+    assert trained[0] == pytest.approx(secant) and abs(trained[0] - 2.0) < 0.01  # the law is a power: exact
+    cal = json.loads((out / "easy" / v.slug / "calibration.json").read_text())
+    assert cal["status"] == "done" and cal["earlier"] == earlier and cal["start"] == trained[0]
+    record = pareto_report.run_record(cal, "easy", v.slug, None)
+    assert record["earlier_tries"] == earlier and len(record["tries"]) == len(trained)
+    assert experiments.earlier_tries(out, "easy", v.slug) == []  # trained here now: its own folder rules
+
+
 # -- the report against its JSON -------------------------------------------------------------
 
 

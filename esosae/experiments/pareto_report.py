@@ -79,6 +79,8 @@ def run_record(cal: dict[str, Any], source: str, slug: str, try_dir: Path | None
         "status": cal.get("status"), "error": cal.get("error"), "in_band": cal.get("in_band"),
         "knob": cal.get("knob"), "tries": cal.get("attempts", []), "chosen": cal.get("chosen"),
     }
+    if cal.get("earlier"):
+        rec["earlier_tries"] = cal["earlier"]  # published unfinished elsewhere; they chose the first knob
     read_at_target(rec)
     if try_dir is None:
         return rec

@@ -22,7 +22,10 @@ another, or side by side in ``--jobs`` processes that split the CPU threads betw
 
 Across machines and fresh clones: with ``--publish DEST``, the finished runs already
 published in DEST (its ``runs/`` JSON, same settings) count as done in ``--out`` and are
-carried into its report (``adoptable``), so each invocation adds to the committed grid.
+carried into its report (``adoptable``), so each invocation adds to the committed grid. A
+run published mid-calibration (its tries' weights stayed on the machine that trained them)
+is trained here from the knob its published tries lead to next (``earlier_tries``), not
+from its first knob again; those tries stay in its JSON as ``earlier_tries``.
 In the Pareto grid, seed 0 of every method and L0 goes first and the other seeds start
 from its calibrated knobs (``start_knobs``).
 """
@@ -227,6 +230,15 @@ def finished(out: Path, source: str, slug: str) -> dict[str, Any] | None:
     return None
 
 
+def earlier_tries(out: Path, source: str, slug: str) -> list[dict[str, Any]]:
+    """The tries of a run adopted unfinished from a published grid (``adoptable``): its JSON
+    in ``out/runs/`` says training (or evaluating), and ``out`` has no folder for it; else []."""
+    rec = report.read_json(out / RUNS_DIR / source / f"{slug}.json") or {}
+    if rec.get("status") not in ("training", "evaluating") or (out / source / slug / CALIBRATION_FILE).exists():
+        return []
+    return [t for t in rec.get("tries") or [] if isinstance(t, dict) and t.get("l0")]
+
+
 def start_knobs(v: Variant, b: Budget, out: Path, source: str,
                 variants: tuple[Variant, ...]) -> tuple[float, float | None] | None:
     """The Pareto grid's first try from the chosen try of the nearest finished relative:
@@ -268,10 +280,11 @@ def _keep_closest(state: dict[str, Any], attempts: list[calibrate.Attempt], targ
 
 
 def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: tuple[float, float | None] | None,
-                say: Any) -> dict[str, Any]:
+                say: Any, earlier: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Calibrate ``v`` on ``b`` (or pick up where an earlier invocation stopped), evaluate the
     chosen try (on the language model also the CE figures of the try that the reading at the
-    exact target pairs it with); returns calibration.json's contents."""
+    exact target pairs it with); returns calibration.json's contents. ``earlier``: the tries
+    of an unfinished calibration published elsewhere that chose ``start_knob``, recorded."""
     from esosae.evals.run import run_all
 
     path = vdir / CALIBRATION_FILE
@@ -289,7 +302,7 @@ def run_variant(v: Variant, b: Budget, s: Settings, vdir: Path, start_knob: tupl
         state = {"run": v.run, "name": v.name, "note": v.note, "variant": asdict(v), "source": b.source,
                  "knob": v.knob, "target_l0": target, "band": b.band, "steps": steps, "start": start,
                  "start2": start2, "attempts": state.get("attempts", []), "pending": state.get("pending"),
-                 "chosen": None, "status": "training"}
+                 "chosen": None, "status": "training", **({"earlier": earlier} if earlier else {})}
     while state["status"] == "training":
         attempts = [calibrate.Attempt(a["knob"], a["l0"]) for a in state["attempts"]]
         if attempts and (_matched(v, b, attempts, target, exact) or len(attempts) >= s.max_tries):
@@ -366,7 +379,12 @@ def run_source(source: str, variants: tuple[Variant, ...], s: Settings, out: Pat
             say(f"{v.slug} ({i}/{len(variants)}): failed earlier, skipped (--retry-failed to rerun): {state['error']}")
             result[v.slug] = "failed"
             continue
-        if s.grid == "pareto":
+        earlier = earlier_tries(out, source, v.slug) if s.grid == "pareto" else []
+        if earlier:  # published mid-calibration: go on from the knob its tries lead to
+            start = _knobs(v, b, {"attempts": earlier}, exact=True)
+            say(f"{v.slug}: its calibration was published unfinished after {len(earlier)} tries "
+                "(their weights are not here); it goes on from the knob they lead to")
+        elif s.grid == "pareto":
             start = start_knobs(v, b, out, source, GRIDS["pareto"])
         else:  # the method grid: runs after 2 start from run 2's τ factor
             ref = report.read_json(out / source / "run02_esosae" / CALIBRATION_FILE) if v.run > 2 else None
@@ -375,7 +393,7 @@ def run_source(source: str, variants: tuple[Variant, ...], s: Settings, out: Pat
         if state.get("status") != "done":
             say(f"{v.slug}{f' ({i}/{len(variants)})' if len(variants) > 1 else ''}: {v.note}")
         try:
-            run_variant(v, b, s, vdir, start, say)
+            run_variant(v, b, s, vdir, start, say, earlier)
             result[v.slug] = "done"
         except UserError:
             raise  # bad input (model, dataset, cache): the same for every run; one line, exit 2
@@ -576,9 +594,11 @@ def settings_diff(old: dict[str, Any], s: Settings, sources: list[str]) -> list[
 
 
 def adoptable(dest: Path, out: Path, s: Settings) -> dict[str, Path]:
-    """{'source/slug': path} of the finished runs published in ``dest`` (a --publish folder) that
-    ``out`` has neither trained nor adopted, when dest's grid.json has the settings of ``s``
-    for their sources; else {} (a grid with other settings is never mixed in)."""
+    """{'source/slug': path} of the runs published in ``dest`` (a --publish folder) that ``out``
+    has neither trained nor adopted, when dest's grid.json has the settings of ``s`` for their
+    sources; else {} (a grid with other settings is never mixed in). The finished ones, and
+    those published mid-calibration with tries (``earlier_tries``), so that a publish from
+    ``out`` keeps them too."""
     g = report.read_json(dest / GRID_FILE)
     if g is None:
         return {}
@@ -586,7 +606,8 @@ def adoptable(dest: Path, out: Path, s: Settings) -> dict[str, Path]:
     for path in sorted((dest / RUNS_DIR).glob("*/*.json")):
         src, slug = path.parent.name, path.stem
         rec = report.read_json(path) or {}
-        if (rec.get("status") == "done" and src in s.budgets and not (out / src / slug / CALIBRATION_FILE).exists()
+        if ((rec.get("status") == "done" or (rec.get("status") in ("training", "evaluating") and rec.get("tries")))
+                and src in s.budgets and not (out / src / slug / CALIBRATION_FILE).exists()
                 and not (out / RUNS_DIR / src / path.name).exists()):
             found[f"{src}/{slug}"] = path
     if settings_diff(g, s, sorted({k.split("/")[0] for k in found})):
@@ -646,13 +667,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     found = adoptable(Path(ns.publish), out, s) if ns.publish else {}
-    for line in plan(sources, variants, s, out, ns.jobs, set(found)):
+    done = {k for k, path in found.items() if (report.read_json(path) or {}).get("status") == "done"}
+    for line in plan(sources, variants, s, out, ns.jobs, done):
         print(line, flush=True)
     if ns.plan:
         return 0
     if found:
         adopt(Path(ns.publish), out, s, found)
-        print(f"adopted {len(found)} finished runs published in {ns.publish}", flush=True)
+        print(f"adopted {len(done)} finished runs published in {ns.publish}"
+              + (f" and {len(found) - len(done)} published mid-calibration" if len(found) > len(done) else ""),
+              flush=True)
     me = record_invocation(out, s, argv, sources)
     t0 = time.perf_counter()
     results: dict[str, dict[str, str]] = {src: {} for src in sources}
