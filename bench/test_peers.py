@@ -27,7 +27,6 @@ Skips (with the reason) when the peers environment is missing, as in CI.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import tempfile
@@ -37,28 +36,14 @@ from pathlib import Path
 import pytest
 import race_data
 import torch
+from peers_env import PEERS_PYTHON, peer_problem
 
 from esosae.sae import schedules
 from esosae.sae.backend import TORCH
 from esosae.sae.reference import sample_tiles
 from esosae.training.loop import step_generator
 
-REPO = Path(__file__).resolve().parent.parent
-PEERS_PYTHON = Path(os.environ.get("ESOSAE_PEERS_PYTHON", REPO / ".venv-peers" / "bin" / "python"))
 WORKER = Path(__file__).with_name("peers_worker.py")
-
-
-def peer_problem() -> str | None:
-    """Why the race cannot run here, or None."""
-    if not PEERS_PYTHON.exists():
-        return (f"no peers environment ({PEERS_PYTHON} is missing; set ESOSAE_PEERS_PYTHON or create it "
-                "as bench/README.md 'The peer race' says)")
-    r = subprocess.run([str(PEERS_PYTHON), "-P", "-c", "import sae_lens"], capture_output=True, text=True,
-                       cwd=tempfile.gettempdir())
-    if r.returncode:
-        last = (r.stderr.strip().splitlines() or ["?"])[-1]
-        return f"sae_lens does not import in {PEERS_PYTHON}: {last}"
-    return None
 
 
 class Peer:

@@ -8,6 +8,7 @@ embedded SmolLM2 would cost a ~20 s dequantization and a harvest per test run; t
 Llama's activations go through the same harvest, cache and folded-scale save.
 """
 
+import importlib.util
 import json
 import subprocess
 import tempfile
@@ -16,7 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 from lm_helpers import TINY, register_tiny, write_txt
-from peers import PEERS_PYTHON, peer_problem
 from safetensors.torch import load_file, save_file
 
 from esosae import cli
@@ -28,6 +28,10 @@ from esosae.sae.model import DualLayerSAE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WORKER = Path(__file__).with_name("saelens_worker.py")
+_SPEC = importlib.util.spec_from_file_location("peers_env", Path(__file__).parent.parent / "bench" / "peers_env.py")
+peers_env = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(peers_env)  # the sae-lens environment, shared with the peer race
+PEERS_PYTHON, peer_problem = peers_env.PEERS_PYTHON, peers_env.peer_problem
 ARCHS = {"esosae": ["--m1", "32", "--m2", "24"], "relu": ["--arch", "relu", "--m1", "32"],
          "topk": ["--arch", "topk", "--m1", "32", "--k", "5"], "jumprelu": ["--arch", "jumprelu", "--m1", "32"],
          "batchtopk": ["--arch", "batchtopk", "--m1", "32", "--k", "5"]}

@@ -1,5 +1,6 @@
 """The sae-lens environment (bench/README.md "The peer race"): sae-lens pins TransformerLens < 4,
-so it lives in its own virtual environment and runs as a subprocess."""
+so it lives in its own virtual environment and runs as a subprocess. Used by the peer race
+(bench/test_peers.py) and by the SAELens export check (tests/test_export.py)."""
 
 import os
 import subprocess
