@@ -544,6 +544,24 @@ def test_every_number_in_the_report_equals_the_json_it_came_from(tmp_path):
         assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
 
 
+def test_the_plots_relative_panel_divides_each_seed_by_the_baselines_mean_and_marks_misses():
+    def rec(method, f, seed, fvu, in_band=True):
+        return {"method": method, "l0_factor": f, "steps_factor": 1.0, "status": "done", "target_l0": 32 * f,
+                "seed": seed, "in_band": in_band, "at_target": {"fvu": fvu}}
+    runs = [rec("topk", 1.0, 0, 0.1), rec("topk", 1.0, 1, 0.3), rec("esosae_v2", 1.0, 0, 0.1),
+            rec("esosae_v2", 1.0, 1, 0.4, in_band=False), rec("esosae_v2", 2.0, 0, 0.05),
+            rec("relu", 1.0, 0, None, in_band=False), rec("relu", 1.0, 1, 0.6)]
+    cells = pareto_report.plot_cells(runs, "fvu*")
+    assert set(cells) == {("topk", 32.0), ("esosae_v2", 32.0), ("esosae_v2", 64.0), ("relu", 32.0)}
+    assert cells["esosae_v2", 32.0][1] and not cells["topk", 32.0][1]
+    assert not cells["relu", 32.0][1]  # the seed that missed has no value, so it is not drawn
+    rel = pareto_report.relative_cells(cells, "topk")
+    assert ("esosae_v2", 64.0) not in rel  # no TopK at 64
+    np.testing.assert_allclose(rel["esosae_v2", 32.0][0], [0.5, 2.0])
+    np.testing.assert_allclose(rel["topk", 32.0][0], [0.5, 1.5])
+    np.testing.assert_allclose(rel["relu", 32.0][0], [3.0])
+
+
 @pytest.mark.skipif(not (PUBLISHED / "report.md").exists(), reason="no published Pareto report yet")
 def test_the_published_report_equals_its_committed_json():
     assert check_report_against_json(PUBLISHED) > 0

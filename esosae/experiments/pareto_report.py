@@ -314,37 +314,75 @@ def convergence_table(runs: list[dict[str, Any]]) -> list[str]:
     return table(["method"] + [f"FVU at target, {fmt(steps[f])} steps (rank)" for f in factors], rows)
 
 
-def pareto_plot(runs: list[dict[str, Any]], key: str, ylabel: str, path: Path, title: str,
-                floor: str | None = None) -> bool:
-    """One line per method against the target L0 (mean over seeds), a band and bars of ± one std."""
-    fig, ax = plt.subplots(figsize=(7, 5))
-    drawn = False
+def plot_cells(runs: list[dict[str, Any]], key: str) -> dict[tuple[str, float], tuple[np.ndarray, bool]]:
+    """{(method, target L0): (one value per seed that has ``key``, whether any of those seeds
+    missed its L0 band)} over the six methods; see ``metric`` for 'x*'."""
+    cells = {}
     for m in METHODS:
-        pts = [(f, metric(group(runs, m, f), key)) for f in (0.5, 1.0, 2.0)]
-        pts = [(group(runs, m, f)[0]["target_l0"], s) for f, s in pts if s]
-        if not pts:
+        for f in (0.5, 1.0, 2.0):
+            got = [(r, metric([r], key)) for r in group(runs, m, f)]
+            got = [(r, v["mean"]) for r, v in got if v]
+            if got:
+                cells[m, got[0][0]["target_l0"]] = (np.array([v for _, v in got]), any(not r["in_band"] for r, _ in got))
+    return cells
+
+
+def relative_cells(cells: dict[tuple[str, float], tuple[np.ndarray, bool]], baseline: str
+                   ) -> dict[tuple[str, float], tuple[np.ndarray, bool]]:
+    """Each seed's value divided by the ``baseline`` method's mean at the same target L0
+    (targets the baseline lacks are left out): value_s / mean_s'(baseline_s')."""
+    base = {t: float(v.mean()) for (m, t), (v, _) in cells.items() if m == baseline}
+    return {(m, t): (v / base[t], missed) for (m, t), (v, missed) in cells.items() if t in base}
+
+
+def _draw(ax: Any, cells: dict[tuple[str, float], tuple[np.ndarray, bool]]) -> None:
+    """Per method: mean with bars and a band of ± one std over its seeds (one L0 has no band),
+    a hollow marker where a seed of the cell missed its L0 band."""
+    for m in METHODS:
+        ts = sorted(t for mm, t in cells if mm == m)
+        if not ts:
             continue
-        x = np.array([p[0] for p in pts])
-        y = np.array([p[1]["mean"] for p in pts])
-        sd = np.array([p[1]["std"] or 0.0 for p in pts])
-        line = ax.errorbar(x, y, yerr=sd, marker="o", capsize=3, label=m)  # bars: ± one std (one L0 has no band)
-        ax.fill_between(x, y - sd, y + sd, alpha=0.2, color=line[0].get_color())
-        drawn = True
+        x = np.array(ts)
+        y = np.array([cells[m, t][0].mean() for t in ts])
+        sd = np.array([cells[m, t][0].std(ddof=1) if len(cells[m, t][0]) > 1 else 0.0 for t in ts])
+        line = ax.errorbar(x, y, yerr=sd, capsize=3, label=m)
+        color = line[0].get_color()
+        ax.fill_between(x, y - sd, y + sd, alpha=0.2, color=color)
+        ax.scatter(x, y, marker="o", s=36, zorder=3, color=color,
+                   facecolors=["none" if cells[m, t][1] else color for t in ts])
+
+
+def pareto_plot(runs: list[dict[str, Any]], key: str, ylabel: str, path: Path, title: str,
+                floor: str | None = None, baseline: str | None = None) -> bool:
+    """One line per method against the target L0 (``_draw``), with the ``floor`` metric's mean
+    (the PCA floor) dashed. With ``baseline``, a second panel shows every method relative to
+    it (``relative_cells``): differences of a few % that the first panel's scale hides."""
+    cells = plot_cells(runs, key)
+    if not cells:
+        return False
+    rel = relative_cells(cells, baseline) if baseline else {}
+    fig, axes = plt.subplots(1, 2 if rel else 1, figsize=(14 if rel else 7, 5), squeeze=False)
+    ax = axes[0, 0]
+    _draw(ax, cells)
     if floor:
         at = {f: [r for m in METHODS for r in group(runs, m, f)] for f in (0.5, 1.0, 2.0)}
         pts = [(rs[0]["target_l0"], metric(rs, floor)) for rs in at.values() if rs]
         pts = [(x, s["mean"]) for x, s in pts if s]
         if pts:
             ax.plot(*zip(*pts), "k--x", label="PCA, k = L0")
-    if not drawn:
-        plt.close(fig)
-        return False
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("target total L0")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    if rel:
+        ax_rel = axes[0, 1]
+        _draw(ax_rel, rel)
+        ax_rel.axhline(1.0, color="k", lw=0.8)
+        ax_rel.set_ylabel(f"{ylabel.split(' at ')[0]} ÷ {baseline}'s mean at the same L0")
+        ax_rel.set_title(f"relative to {baseline} (hollow: a seed off its L0 band)")
+    for a in axes[0]:
+        a.set_xscale("log", base=2)
+        a.set_xlabel("target total L0")
+        a.legend(fontsize=8)
+        a.grid(alpha=0.3)
     plots.save(fig, path)
     return True
 
@@ -439,11 +477,12 @@ def render(out: Path) -> Path:
                    "curriculum: its L0 falls as its margins adapt). Only r well above the control says the L0 "
                    "follows the curriculum."), ""]
         lines += alignment_table(runs)
-        for key, ylabel, name, floor in (("fvu*", "FVU at the target L0", "fvu", "pca_fvu"),
-                                         ("ce_delta_nats*", "ΔCE at the target L0 (nats)", "dce", None),
-                                         ("probe_top1_auc", "probing top-1 AUC (at the matched L0)", "auc", None)):
+        for key, ylabel, name, floor, base in (
+                ("fvu*", "FVU at the target L0", "fvu", "pca_fvu", "topk"),
+                ("ce_delta_nats*", "ΔCE at the target L0 (nats)", "dce", None, "topk"),
+                ("probe_top1_auc", "probing top-1 AUC (at the matched L0)", "auc", None, None)):
             rel = Path("plots") / f"{source}_pareto_{name}.png"
-            if pareto_plot(runs, key, ylabel, out / rel, f"{title}: {ylabel}", floor):
+            if pareto_plot(runs, key, ylabel, out / rel, f"{title}: {ylabel}", floor, base):
                 lines += [f"![{ylabel}]({rel.as_posix()})", ""]
         rel = Path("plots") / f"{source}_atoms.png"
         if planted and atoms_plot(runs, out / rel, f"{title}: atom recovery against frequency"):
