@@ -184,11 +184,15 @@ def group(runs: list[dict[str, Any]], method: str, l0_factor: float = 1.0, steps
             and r["steps_factor"] == steps_factor and r["status"] == "done"]
 
 
+def value(r: dict[str, Any], key: str) -> float | None:
+    """A run's ``key``, None where missing or not finite; 'x*' reads x at the exact target (the interpolation)."""
+    v = r["at_target"].get(key[:-1]) if key.endswith("*") else r.get(key)
+    return float(v) if v is not None and math.isfinite(float(v)) else None
+
+
 def metric(rs: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
-    """Stats over runs of ``key``; 'x*' reads x at the exact target (the interpolation)."""
-    if key.endswith("*"):
-        return stats([r["at_target"].get(key[:-1]) for r in rs])
-    return stats([r.get(key) for r in rs])
+    """Stats over runs of ``key`` (see ``value``)."""
+    return stats([value(r, key) for r in rs])
 
 
 # -- 3. the report -------------------------------------------------------------------------
@@ -316,12 +320,11 @@ def convergence_table(runs: list[dict[str, Any]]) -> list[str]:
 
 def plot_cells(runs: list[dict[str, Any]], key: str) -> dict[tuple[str, float], tuple[np.ndarray, bool]]:
     """{(method, target L0): (one value per seed that has ``key``, whether any of those seeds
-    missed its L0 band)} over the six methods; see ``metric`` for 'x*'."""
+    missed its L0 band)} over the six methods; see ``value`` for 'x*'."""
     cells = {}
     for m in METHODS:
         for f in (0.5, 1.0, 2.0):
-            got = [(r, metric([r], key)) for r in group(runs, m, f)]
-            got = [(r, v["mean"]) for r, v in got if v]
+            got = [(r, v) for r in group(runs, m, f) if (v := value(r, key)) is not None]
             if got:
                 cells[m, got[0][0]["target_l0"]] = (np.array([v for _, v in got]), any(not r["in_band"] for r, _ in got))
     return cells
